@@ -1,0 +1,40 @@
+"""acceltrain: a hook-driven trainer on Hugging Face Accelerate.
+
+The ``mini.trainer`` API: ``from acceltrain import BaseTrainer, ProgressHook, ...``.
+"""
+
+__version__ = "0.1.0"
+
+from .hooks import (
+    EVENTS,
+    BaseHook,
+    CheckpointingHook,
+    CudaMaxMemoryHook,
+    EmaHook,
+    ImageFileLoggerHook,
+    LoggingHook,
+    ProgressHook,
+    WandbHook,
+)
+from .trainer import BaseTrainer, NonFiniteError
+from .utils import count_parameters, format_params, key_average, map_nested_tensor, seed_everything
+
+__all__ = [
+    "EVENTS",
+    "BaseHook",
+    "BaseTrainer",
+    "CheckpointingHook",
+    "CudaMaxMemoryHook",
+    "EmaHook",
+    "ImageFileLoggerHook",
+    "LoggingHook",
+    "NonFiniteError",
+    "ProgressHook",
+    "WandbHook",
+    "__version__",
+    "count_parameters",
+    "format_params",
+    "key_average",
+    "map_nested_tensor",
+    "seed_everything",
+]

@@ -1,0 +1,282 @@
+"""Checkpoint folders: atomic writes, a manifest written last, latest-valid discovery, safe loading.
+
+A checkpoint is a folder ``checkpoint_step_{N}``::
+
+    model.safetensors       weights (safetensors: no code runs on load)
+    optimizer.pt            optimizer state keyed by parameter name (loaded with weights_only=True)
+    trainer_state.pt        step, epoch, scheduler, scaler, hook states (weights_only=True)
+    rng_state_{rank}.pt     per-rank Python / NumPy / torch / CUDA generator states
+    manifest.json           written last: step, world size, every file with its size and CRC32
+
+Every rank writes into ``.tmp_checkpoint_step_{N}``; after a barrier the main rank checks the
+files, writes the manifest, renames the folder and points ``checkpoint_latest`` at it. A
+folder without a valid manifest is torn and never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import BaseTrainer
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_latest_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+]
+
+logger = logging.getLogger("acceltrain")
+MANIFEST = "manifest.json"
+LATEST = "checkpoint_latest"
+_STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
+_CRC_CHUNK = 1 << 24
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, torn, altered or does not fit this run."""
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, as tensors and plain values (no pickle needed)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders under ``root``, oldest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder`` if every file it lists is there with its size and CRC32.
+
+    Raises:
+        CheckpointError: naming the first missing, truncated or altered file.
+    """
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({e})") from None
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {meta['size']} (truncated?)")
+        if _crc32(path) != meta["crc32"]:
+            raise CheckpointError(f"{path}: CRC32 differs from the manifest (altered or corrupt)")
+    return manifest
+
+
+def find_latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
+    """The newest folder under ``root`` whose manifest checks out; torn ones are warned about.
+
+    With ``clean`` (main process only), temporary folders of interrupted saves are removed.
+    """
+    root = Path(root)
+    if clean and root.is_dir():
+        for stale in root.glob(".tmp_checkpoint_step_*"):
+            logger.warning("removing %s: an interrupted checkpoint save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint %s", e)
+            continue
+        return folder
+    return None
+
+
+def _write_manifest(folder: Path, step: int, world_size: int, extra: dict[str, Any]) -> None:
+    import accelerate
+    import transformers
+
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    manifest = {
+        "format": 1,
+        "step": step,
+        "world_size": world_size,
+        "files": files,
+        "versions": {
+            "acceltrain": __import__("acceltrain").__version__,
+            "torch": torch.__version__,
+            "accelerate": accelerate.__version__,
+            "transformers": transformers.__version__,
+        },
+        **extra,
+    }
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _point_latest(root: Path, target: Path) -> None:
+    link = root / LATEST
+    tmp = root / (LATEST + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save the trainer's full state as ``root/checkpoint_step_{step}``; every rank must call it."""
+    from safetensors.torch import save_model
+
+    acc = trainer.accelerator
+    root = Path(root)
+    final = root / f"checkpoint_step_{trainer.step}"
+    tmp = root / f".tmp_checkpoint_step_{trainer.step}"
+    if acc.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+
+    state = trainer.state_dict()
+    if acc.is_main_process:
+        save_model(trainer.unwrapped_model, str(tmp / "model.safetensors"))
+        torch.save(state["optimizer"], tmp / "optimizer.pt")
+        rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        torch.save(rest, tmp / "trainer_state.pt")
+    torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+    acc.wait_for_everyone()
+
+    if acc.is_main_process:
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        _write_manifest(tmp, trainer.step, acc.num_processes, extra or {})
+        if final.exists():  # a save of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _point_latest(root, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling refusal or corruption names the file
+        raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True) -> dict[str, Any]:
+    """Restore ``folder`` into a built trainer; returns its manifest."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = verify_checkpoint(folder) if verify else json.loads((folder / MANIFEST).read_text())
+    acc = trainer.accelerator
+    if manifest["world_size"] != acc.num_processes:
+        raise CheckpointError(
+            f"{folder}: saved by {manifest['world_size']} processes, this run has {acc.num_processes}; "
+            "resume with the same number of processes"
+        )
+    state = _load(folder / "trainer_state.pt")
+    try:
+        state["model"] = load_file(str(folder / "model.safetensors"))
+    except Exception as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: {e}") from None
+    state["optimizer"] = _load(folder / "optimizer.pt")
+    _restore_tied(trainer.unwrapped_model, state["model"])
+    trainer.load_state_dict(state)
+    rng_file = folder / f"rng_state_{acc.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(_load(rng_file))
+    return manifest
+
+
+def _restore_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """safetensors stores tied tensors once; give the other names the same tensor back."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    if not missing:
+        return
+    by_ptr: dict[int, str] = {}
+    for name, tensor in expected.items():
+        if name in weights:
+            by_ptr.setdefault(tensor.data_ptr(), name)
+    for name in missing:
+        source = by_ptr.get(expected[name].data_ptr())
+        if source is None:
+            raise CheckpointError(f"model.safetensors has no tensor for {name!r}")
+        weights[name] = weights[source]

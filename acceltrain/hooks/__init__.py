@@ -1,0 +1,22 @@
+"""Hooks: observe and extend the training loop (see :class:`BaseHook` for where each fires)."""
+
+from .base import EVENTS, BaseHook
+from .checkpointing import CheckpointingHook
+from .ema import EmaHook
+from .images import ImageFileLoggerHook
+from .logging import LoggingHook
+from .memory import CudaMaxMemoryHook
+from .progress import ProgressHook
+from .wandb import WandbHook
+
+__all__ = [
+    "EVENTS",
+    "BaseHook",
+    "CheckpointingHook",
+    "CudaMaxMemoryHook",
+    "EmaHook",
+    "ImageFileLoggerHook",
+    "LoggingHook",
+    "ProgressHook",
+    "WandbHook",
+]

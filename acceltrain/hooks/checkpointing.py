@@ -1,0 +1,182 @@
+"""CheckpointingHook: save every ``interval`` steps, resume on start, save and exit on signals."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .base import BaseHook
+
+if TYPE_CHECKING:
+    from ..trainer import BaseTrainer
+
+_DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class CheckpointingHook(BaseHook):
+    """Save the training state every ``interval`` steps and resume from it on the next start.
+
+    Args:
+        interval: Steps between saves (the last step is always saved).
+        keep_previous: Keep this many newest checkpoints (``None`` keeps all).
+        keep_interval: Also keep every checkpoint whose step is a multiple of this.
+        path: Folder for checkpoints; a relative path is inside the trainer's workspace
+            (default ``workspace/checkpoints``).
+        load: ``"latest"`` resumes from the newest valid checkpoint, a path loads that one
+            (an error if it is not valid), ``None`` starts fresh.
+        exit_signals: On these signals the run stops at the next step boundary (all ranks
+            agree), saves, and exits with ``exit_code``. Each signal gets its own handler; the
+            previous handlers are restored after training.
+        exit_code: ``"128+signal"`` (the shell convention) or a fixed int.
+        exit_wait: Seconds to sleep before exiting after a signal-triggered save.
+
+    Example:
+        >>> CheckpointingHook(interval=1000, keep_previous=2, keep_interval=5000)
+    """
+
+    def __init__(
+        self,
+        interval: int = 1000,
+        keep_previous: int | None = 2,
+        keep_interval: int | None = None,
+        path: str | Path = "checkpoints",
+        load: str | Path | None = "latest",
+        exit_signals: list[int] | tuple[int, ...] | None = _DEFAULT_SIGNALS,
+        exit_code: str | int = "128+signal",
+        exit_wait: float = 0.0,
+    ):
+        if interval < 1:
+            raise ValueError(f"CheckpointingHook interval must be >= 1, got {interval}")
+        if keep_previous is not None and keep_previous < 1:
+            raise ValueError(f"CheckpointingHook keep_previous must be >= 1 or None, got {keep_previous}")
+        if exit_code != "128+signal" and not isinstance(exit_code, int):
+            raise ValueError(f"CheckpointingHook exit_code must be '128+signal' or an int, got {exit_code!r}")
+        self.interval = interval
+        self.keep_previous = keep_previous
+        self.keep_interval = keep_interval
+        self.path = Path(path)
+        self.load = load
+        self.exit_signals = tuple(exit_signals or ())
+        self.exit_code = exit_code
+        self.exit_wait = exit_wait
+        self.loaded_from: Path | None = None
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._last_saved = -1
+
+    def root(self, trainer: BaseTrainer) -> Path:
+        if self.path.is_absolute() or trainer.workspace is None:
+            return self.path
+        return trainer.workspace / self.path
+
+    # ---------------------------------------------------------------- resume
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        self._install_signals(trainer)
+        if self.load is None:
+            return
+        acc = trainer.accelerator
+        root = self.root(trainer)
+        if self.load == "latest":
+            # One rank picks (and cleans up); every rank loads the same folder.
+            chosen = find_latest_checkpoint(root) if acc.is_main_process else None
+            chosen = _broadcast_path(trainer, chosen)
+        else:
+            chosen = Path(self.load)
+            if not chosen.is_dir():
+                raise CheckpointError(f"load={str(self.load)!r}: no such checkpoint folder")
+        if chosen is None:
+            return
+        load_checkpoint(trainer, chosen)
+        self.loaded_from = chosen
+        self._last_saved = trainer.step
+        if acc.is_main_process:
+            trainer.logger.warning("resumed from %s at step %d", chosen, trainer.step)
+
+    # ---------------------------------------------------------------- saving
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        if trainer.step % self.interval == 0 or trainer.step == trainer.max_steps:
+            self.save(trainer)
+
+    def save(self, trainer: BaseTrainer) -> Path | None:
+        """Save now (every rank must call it); a step already saved is not written twice."""
+        if trainer.step == self._last_saved:
+            return None
+        root = self.root(trainer)
+        folder = save_checkpoint(trainer, root)
+        self._last_saved = trainer.step
+        if trainer.is_main_process:
+            self._apply_retention(root)
+        trainer.accelerator.wait_for_everyone()
+        return folder
+
+    def _apply_retention(self, root: Path) -> None:
+        if self.keep_previous is None:
+            return
+        folders = list_checkpoints(root)
+        newest = folders[-self.keep_previous:]
+        for folder in folders[: -self.keep_previous]:
+            step = int(folder.name.rsplit("_", 1)[1])
+            if self.keep_interval and step % self.keep_interval == 0:
+                continue
+            if folder not in newest:
+                shutil.rmtree(folder)
+
+    # ---------------------------------------------------------------- signals
+    def _install_signals(self, trainer: BaseTrainer) -> None:
+        for signum in self.exit_signals:
+            def handler(received: int, frame: Any, _signum: int = signum) -> None:
+                # Only set flags here: the step loop saves at the next step boundary.
+                if self._signal is None:
+                    self._signal = _signum
+                trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
+
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def on_after_train(self, trainer: BaseTrainer) -> None:
+        try:
+            if trainer.step != self._last_saved and (self._signal is not None or trainer.should_stop):
+                self.save(trainer)
+        finally:
+            self._restore_signals()
+        signum = _agreed_signal(trainer, self._signal)
+        if signum is not None:
+            if self.exit_wait:
+                time.sleep(self.exit_wait)
+            trainer.exit_code = 128 + signum if self.exit_code == "128+signal" else int(self.exit_code)
+
+
+def _broadcast_path(trainer: BaseTrainer, path: Path | None) -> Path | None:
+    if trainer.accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(path) if path is not None else None]
+    broadcast_object_list(box, from_process=0)
+    return Path(box[0]) if box[0] is not None else None
+
+
+def _agreed_signal(trainer: BaseTrainer, signum: int | None) -> int | None:
+    """The signal any rank received (ranks that got none still exit with it)."""
+    if trainer.accelerator.num_processes == 1:
+        return signum
+    import torch
+
+    flag = torch.tensor([signum or 0], device=trainer.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    value = int(flag.item())
+    return value or None

@@ -1,0 +1,147 @@
+"""LoggingHook: aggregate step figures, reduce them across ranks, and send them to trackers."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..utils import flatten_dict, to_float
+from .base import BaseHook
+
+if TYPE_CHECKING:
+    from ..trainer import BaseTrainer
+
+
+def step_figures(info: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one step's ``step_info`` worth aggregating (tensors stay on device)."""
+    out: dict[str, Any] = {}
+    for key in ("loss", "grad_norm", "step_time", "data_time"):
+        if key in info:
+            out[key] = info[key]
+    for i, lr in enumerate(info.get("lr", ())):
+        out[f"lr_{i}" if i else "lr"] = lr
+    if info.get("non_finite_retries"):
+        out["non_finite_retries"] = info["non_finite_retries"]
+    for key, value in flatten_dict(info.get("records") or {}).items():
+        out[f"records/{key}"] = value
+    for key, value in info.items():  # figures other hooks put in (max_memory, tokens, ...)
+        if key not in out and key not in _NOT_FIGURES and _numeric(value):
+            out[key] = value
+    return out
+
+
+_NOT_FIGURES = {"loss", "grad_norm", "step_time", "data_time", "lr", "records", "skipped_batches",
+                "non_finite_retries"}
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float))
+
+
+class LoggingHook(BaseHook):
+    """Every ``interval`` steps: average the step figures, reduce them across ranks, call
+    ``trainer.log(records)``.
+
+    The sums and counts of the interval are kept as device tensors, so a step that does not log
+    synchronises nothing. ``sync=True`` reduces them across ranks with one all-reduce of sums
+    (gloo has no AVG). On its own ``on_log`` it forwards the records to Accelerate's trackers
+    (TensorBoard under ``workspace/tensorboard`` unless ``tensorboard=False``) and appends a
+    line to ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.
+
+    Args:
+        interval: Log every this many steps (and at the last step).
+        sync: Reduce across ranks (every rank must run this hook).
+        tensorboard: Add Accelerate's TensorBoard tracker when the trainer has a workspace.
+        jsonl: Append records to ``workspace/metrics.jsonl``.
+
+    Example:
+        >>> LoggingHook(interval=50)
+    """
+
+    def __init__(self, interval: int = 100, sync: bool = True, tensorboard: bool = True, jsonl: bool = True):
+        if interval < 1:
+            raise ValueError(f"LoggingHook interval must be >= 1, got {interval}")
+        self.interval = interval
+        self.sync = sync
+        self.tensorboard = tensorboard
+        self.jsonl = jsonl
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+        self._jsonl_path = None
+
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        acc = trainer.accelerator
+        if trainer.workspace is not None and acc.is_main_process:
+            if self.jsonl:
+                self._jsonl_path = trainer.workspace / "metrics.jsonl"
+            if self.tensorboard and not any(t.name == "tensorboard" for t in acc.trackers):
+                from accelerate.tracking import TensorBoardTracker
+
+                tracker = TensorBoardTracker("tensorboard", trainer.workspace)
+                tracker.start()
+                acc.trackers.append(tracker)
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        info = trainer.step_info
+        for key, value in step_figures(info).items():
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._counts[key] = self._counts.get(key, 0) + 1
+        if info.get("skipped_batches"):
+            trainer.log(
+                {"events/skipped_batches": float(len(info["skipped_batches"]))},
+                dry_run=not trainer.is_main_process,
+            )
+            if trainer.is_main_process:
+                trainer.logger.warning(
+                    "step %d: %d retries, skipped batches %s",
+                    trainer.step, info["non_finite_retries"], info["skipped_batches"],
+                )
+        if trainer.step % self.interval == 0 or trainer.step == trainer.max_steps or trainer.should_stop:
+            records = self.flush(trainer)
+            if records:
+                trainer.log(records, dry_run=not trainer.is_main_process)
+
+    def flush(self, trainer: BaseTrainer) -> dict[str, float]:
+        """Averages since the last flush (reduced across ranks when ``sync``), then reset."""
+        keys = sorted(self._sums)
+        if not keys:
+            return {}
+        device = trainer.device
+        sums = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=device) for k in keys])
+        counts = torch.tensor([self._counts[k] for k in keys], dtype=torch.float64, device=device)
+        if self.sync and trainer.accelerator.num_processes > 1:
+            both = torch.cat([sums, counts])
+            torch.distributed.all_reduce(both)
+            sums, counts = both[: len(keys)], both[len(keys):]
+        means = (sums / counts).tolist()  # the one sync of a logging step
+        self._sums.clear()
+        self._counts.clear()
+        return {k: v for k, v in zip(keys, means, strict=False)}
+
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+        if dry_run or not records:
+            return
+        flat = {k: to_float(v) for k, v in flatten_dict(records).items() if _numeric(v)}
+        trainer.accelerator.log(flat, step=trainer.step)
+        if self._jsonl_path is not None:
+            line = {"step": trainer.step, **{k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()}}
+            with open(self._jsonl_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        # The interval's partial sums, so a resumed run logs the same averages.
+        return {
+            "sums": {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self._sums.items()},
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = dict(state.get("sums", {}))
+        self._counts = {k: int(v) for k, v in state.get("counts", {}).items()}

@@ -1,0 +1,571 @@
+"""BaseTrainer: the build contract, the step loop on Accelerate, and the training state."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from .hooks.base import EVENTS, BaseHook
+from .utils import key_average
+
+__all__ = ["BaseTrainer", "NonFiniteError"]
+
+# Distributed types where gradients are plain tensors and torch's own clipping is exact.
+_PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# The fp16 scaler halves its scale on every overflow; past this many overflows in a row the
+# scale is below 2**-48 and the model, not the scale, is the problem.
+_MAX_SCALER_BACKOFFS = 64
+
+
+class NonFiniteError(RuntimeError):
+    """Gradients (or the loss) stayed non-finite after every allowed retry."""
+
+
+class BaseTrainer:
+    """A hook-driven training loop on Hugging Face Accelerate (the ``mini.trainer`` API).
+
+    Subclass it and implement ``build_data_loader``, ``build_model``, ``build_optimizer`` and
+    ``forward``; optionally ``build_lr_scheduler``, ``build_grad_scaler`` and ``build_hooks``.
+    One step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
+
+    Args:
+        max_steps: Number of optimizer updates to train for.
+        grad_clip: Clip the global gradient norm to this value (through Accelerate, so it is
+            correct under FSDP and DeepSpeed). ``None`` measures the norm without clipping.
+        max_non_finite_grad_retries: How many times a step whose gradients are not finite is
+            redone with fresh micro-batches. ``None`` or ``0`` raises at the first one.
+        mixed_precision: ``"bf16"``, ``"fp16"`` (GPU only) or ``None``.
+        gradient_accumulation_steps: Micro-batches per optimizer step.
+        workspace: Folder for checkpoints, logs and exports (created on the main process).
+        device: ``"cpu"``, ``"cuda"``, a ``torch.device`` or ``None`` to let Accelerate decide.
+        no_sync_accumulate: Skip the gradient all-reduce on every micro-batch but the last.
+        state_dict_options: ``torch.distributed.checkpoint`` options for ``state_dict()``.
+        logger: A ``logging.Logger``; defaults to ``logging.getLogger("acceltrain")``.
+        accelerator: A ready ``Accelerator`` (its settings win over ``mixed_precision``/``device``).
+        accelerator_kwargs: Extra keyword arguments for the ``Accelerator`` the trainer creates.
+
+    Example:
+        >>> class MyTrainer(BaseTrainer):
+        ...     def build_data_loader(self):
+        ...         return torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True)
+        ...     def build_model(self):
+        ...         return torch.nn.Linear(8, 2).to(self.device)
+        ...     def build_optimizer(self):
+        ...         return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        ...     def forward(self, input):
+        ...         x, y = input
+        ...         loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        ...         return loss, {}
+        >>> MyTrainer(max_steps=100, device="cpu").train()
+    """
+
+    def __init__(
+        self,
+        *,
+        max_steps: int,
+        grad_clip: float | None = None,
+        max_non_finite_grad_retries: int | None = None,
+        mixed_precision: str | None = None,
+        gradient_accumulation_steps: int | None = 1,
+        workspace: Path | str | None = None,
+        device: torch.device | str | int | None = None,
+        no_sync_accumulate: bool = True,
+        state_dict_options: StateDictOptions | None = None,
+        logger: logging.Logger | None = None,
+        accelerator: Accelerator | None = None,
+        accelerator_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+            raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+            raise ValueError(f"grad_clip must be a number > 0 or None, got {grad_clip!r}")
+        retries = max_non_finite_grad_retries or 0
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"max_non_finite_grad_retries must be an int >= 0 or None, got {retries!r}")
+        accumulation = gradient_accumulation_steps or 1
+        if not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {accumulation!r}")
+        if mixed_precision == "no":
+            mixed_precision = None
+        if mixed_precision not in (None, "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'fp16', 'bf16' or None, got {mixed_precision!r}")
+
+        self.max_steps = max_steps
+        self.grad_clip = float(grad_clip) if grad_clip is not None else None
+        self.max_non_finite_grad_retries = retries
+        self.gradient_accumulation_steps = accumulation
+        self.no_sync_accumulate = no_sync_accumulate
+        self.state_dict_options = state_dict_options
+        self.logger = logger or logging.getLogger("acceltrain")
+        self.workspace = Path(workspace) if workspace is not None else None
+
+        self.accelerator = accelerator or self._make_accelerator(mixed_precision, device, accelerator_kwargs)
+        self.mixed_precision = None if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision
+        if self.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            raise ValueError(
+                "mixed_precision='fp16' needs a GPU: on the CPU Accelerate runs fp16 without autocast "
+                "or loss scaling (silently fp32); use mixed_precision='bf16' on the CPU"
+            )
+        self.device = self.accelerator.device
+
+        self.step = 0
+        self.epoch = 0
+        self.step_info: dict[str, Any] = {}
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: Any = None
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        self.data_loader: Iterable | None = None
+        self.hooks: list[BaseHook] = []
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.exit_code: int | None = None  # set by a hook (e.g. after a signal): train() exits with it
+        self._stop_local = False
+        self._built = False
+        self._pending_state: dict[str, Any] | None = None
+        self._data_iter: Iterator | None = None
+        self._data_exhausted = False
+        self._batches_drawn = 0
+
+    # ------------------------------------------------------------------ build contract
+    def build_data_loader(self) -> Iterable:
+        """Return the training data: a ``DataLoader`` (prepared and sharded) or any iterable."""
+        raise NotImplementedError("implement build_data_loader() in your BaseTrainer subclass")
+
+    def build_model(self) -> torch.nn.Module:
+        """Return the model (the trainer moves and wraps it through ``Accelerator.prepare``)."""
+        raise NotImplementedError("implement build_model() in your BaseTrainer subclass")
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Return the optimizer over ``self.model``'s parameters."""
+        raise NotImplementedError("implement build_optimizer() in your BaseTrainer subclass")
+
+    def build_lr_scheduler(self) -> Any:
+        """Return an LR scheduler over ``self.optimizer`` (stepped once per optimizer step), or None."""
+        return None
+
+    def build_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """Return the fp16 gradient scaler; the default is Accelerate's (only with fp16 on a GPU)."""
+        return self.accelerator.scaler
+
+    def build_hooks(self) -> list[BaseHook]:
+        """Return the hooks for this run (default: none)."""
+        return []
+
+    def forward(self, input: Any) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """Compute ``(loss, records)`` for one micro-batch; ``loss=None`` skips its backward."""
+        raise NotImplementedError("implement forward(input) in your BaseTrainer subclass")
+
+    # ------------------------------------------------------------------ public API
+    def train(self) -> None:
+        """Build, prepare, then run steps until ``max_steps`` or a stop request."""
+        self._build()
+        finished = False
+        try:
+            self._call_hook("on_before_train")
+            while self.step < self.max_steps and not self.should_stop:
+                self._run_step()
+            self._call_hook("on_after_train")
+            finished = True
+        finally:
+            if finished:
+                self.accelerator.wait_for_everyone()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        if self.exit_code is not None:
+            raise SystemExit(self.exit_code)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state: model, optimizer, scheduler, scaler, step, hooks."""
+        self._require_built("state_dict()")
+        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer, options=self.state_dict_options)
+        state: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "hooks": self._hook_states(),
+        }
+        self._call_hook("on_state_dict", state)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output. Before ``train()`` it is kept and applied after building."""
+        if not self._built:
+            self._pending_state = state_dict
+            return
+        set_state_dict(
+            self.model,
+            self._inner_optimizer,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optimizer"],
+            options=self.state_dict_options,
+        )
+        if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
+        if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        self.step = int(state_dict["step"])
+        self.epoch = int(state_dict.get("epoch", 0))
+        self._load_hook_states(state_dict.get("hooks") or {})
+        self._call_hook("on_load_state_dict", state_dict)
+
+    def log(self, records: dict[str, Any], dry_run: bool = False) -> None:
+        """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this)."""
+        self._call_hook("on_log", records, dry_run)
+
+    def log_images(self, records: dict[str, Any], dry_run: bool = False) -> None:
+        """Send images (PIL images, HWC/CHW arrays or tensors) to the hooks' ``on_log_images``."""
+        self._call_hook("on_log_images", records, dry_run)
+
+    def request_stop(self, reason: str, *, local: bool = False) -> None:
+        """Stop after the current step.
+
+        Call it on every rank at the same step (for example from metrics reduced across
+        ranks). A rank-local reason, such as a signal, passes ``local=True``: the ranks agree
+        on it in the next step's collective, so all of them stop after the same step.
+        """
+        self.stop_reason = self.stop_reason or reason
+        if local and self.accelerator.num_processes > 1:
+            self._stop_local = True
+        else:
+            self.should_stop = True
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The plain module under DDP/FSDP/DeepSpeed/``torch.compile`` wrappers."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        self._require_built("unwrapped_model")
+        return self.unwrap(self.model)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ------------------------------------------------------------------ building
+    def _make_accelerator(
+        self, mixed_precision: str | None, device: Any, kwargs: dict[str, Any] | None
+    ) -> Accelerator:
+        kwargs = dict(kwargs or {})
+        kwargs.setdefault("mixed_precision", mixed_precision or "no")
+        # The trainer steps the scheduler once per optimizer update itself; Accelerate's
+        # default would step it num_processes times.
+        kwargs.setdefault("step_scheduler_with_optimizer", False)
+        if device is not None:
+            device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+            if device.type == "cpu":
+                kwargs.setdefault("cpu", True)
+            elif device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without a GPU, Accelerate leaves the backend unset for some launchers
+            # (DeepSpeed under torchrun) and every process believes it is rank 0 of 1.
+            handlers = list(kwargs.get("kwargs_handlers") or [])
+            if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            kwargs["kwargs_handlers"] = handlers
+        return Accelerator(**kwargs)
+
+    def _build(self) -> None:
+        if self._built:
+            return
+        acc = self.accelerator
+        if self.workspace is not None and acc.is_main_process:
+            self.workspace.mkdir(parents=True, exist_ok=True)
+        self.model = self.build_model()
+        if not isinstance(self.model, torch.nn.Module):
+            raise TypeError(f"build_model() must return a torch.nn.Module, got {type(self.model).__name__}")
+        self.optimizer = self.build_optimizer()
+        self.lr_scheduler = self.build_lr_scheduler()
+        scaler = self.build_grad_scaler()
+        if scaler is not None and scaler is not acc.scaler:
+            acc.scaler = scaler  # prepare() hands it to the AcceleratedOptimizer
+        data_loader = self.build_data_loader()
+        prepare_data = isinstance(data_loader, torch.utils.data.DataLoader)
+
+        objects = [self.model, self.optimizer]
+        if self.lr_scheduler is not None:
+            objects.append(self.lr_scheduler)
+        if prepare_data:
+            objects.append(data_loader)
+        prepared = list(acc.prepare(*objects))
+        self.model, self.optimizer = prepared[0], prepared[1]
+        if self.lr_scheduler is not None:
+            self.lr_scheduler = prepared[2]
+        self.data_loader = prepared[-1] if prepare_data else data_loader
+        self.grad_scaler = acc.scaler
+
+        # The hot path talks to the plain optimizer and scheduler: AcceleratedOptimizer.step
+        # re-searches the file system for optional packages on every call (~15% of a tiny step).
+        opt = self.optimizer
+        while isinstance(opt, AcceleratedOptimizer):
+            opt = opt.optimizer
+        self._inner_optimizer = opt
+        sched = self.lr_scheduler
+        self._inner_scheduler = sched.scheduler if isinstance(sched, AcceleratedScheduler) else sched
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self._fast_path = acc.distributed_type in _PLAIN_GRADS
+        self._sync_needed = acc.num_processes > 1
+        self._use_no_sync = self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
+        self._autocast = acc.autocast if self.mixed_precision is not None else contextlib.nullcontext
+
+        self.hooks = list(self.build_hooks() or [])
+        for hook in self.hooks:
+            if not isinstance(hook, BaseHook):
+                raise TypeError(f"build_hooks() returned {type(hook).__name__}, which is not a BaseHook")
+        self._index_hooks()
+        self._built = True
+        if acc.num_processes > 1:
+            atexit.register(_destroy_process_group)
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def _index_hooks(self) -> None:
+        # Only the hooks that override an event are called for it.
+        self._hooks_for = {
+            name: [h for h in self.hooks if getattr(type(h), name) is not getattr(BaseHook, name)]
+            for name in EVENTS
+        }
+
+    def _require_built(self, what: str) -> None:
+        if not self._built:
+            raise RuntimeError(f"{what} needs the model and optimizer: call train() (or _build()) first")
+
+    # ------------------------------------------------------------------ hooks
+    def _call_hook(self, name: str, *args: Any) -> None:
+        for hook in self._hooks_for[name]:
+            getattr(hook, name)(self, *args)
+
+    def _hook_keys(self) -> list[tuple[str, BaseHook]]:
+        keys, seen = [], {}
+        for hook in self.hooks:
+            name = type(hook).__name__
+            seen[name] = seen.get(name, -1) + 1
+            keys.append((name if seen[name] == 0 else f"{name}_{seen[name]}", hook))
+        return keys
+
+    def _hook_states(self) -> dict[str, Any]:
+        states = {}
+        for key, hook in self._hook_keys():
+            state = hook.state_dict()
+            if state is not None:
+                states[key] = state
+        return states
+
+    def _load_hook_states(self, states: dict[str, Any]) -> None:
+        for key, hook in self._hook_keys():
+            if key in states:
+                hook.load_state_dict(states[key])
+
+    # ------------------------------------------------------------------ the step
+    def _next_batch(self) -> Any:
+        if self._data_iter is None:
+            self._data_iter = iter(self.data_loader)
+        try:
+            batch = next(self._data_iter)
+        except StopIteration:
+            if iter(self.data_loader) is self.data_loader:  # a one-shot iterator: no more data
+                self._data_exhausted = True
+                return _EXHAUSTED
+            self.epoch += 1
+            if hasattr(self.data_loader, "set_epoch"):
+                self.data_loader.set_epoch(self.epoch)
+            self._data_iter = iter(self.data_loader)
+            try:
+                batch = next(self._data_iter)
+            except StopIteration:
+                raise RuntimeError("build_data_loader() returned an iterable with no batches") from None
+        self._batches_drawn += 1
+        return batch
+
+    def _micro_steps(self) -> tuple[torch.Tensor | None, int, list[dict], list[int], float]:
+        """Run one accumulation window: forward and backward over its micro-batches."""
+        k = self.gradient_accumulation_steps
+        scale = 1.0 / k
+        loss_sum: torch.Tensor | None = None
+        contributed = 0
+        records: list[dict] = []
+        positions: list[int] = []
+        data_time = 0.0
+        for micro in range(k):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            data_time += time.perf_counter() - t0
+            if batch is _EXHAUSTED:
+                break
+            positions.append(self._batches_drawn - 1)
+            sync_ctx = (
+                self.accelerator.no_sync(self.model)
+                if self._use_no_sync and micro < k - 1
+                else contextlib.nullcontext()
+            )
+            with sync_ctx:
+                with self._autocast():
+                    loss, rec = self.forward(batch)
+                if rec:
+                    records.append(rec)
+                if loss is None:
+                    continue
+                self._backward(loss * scale)
+            contributed += 1
+            detached = loss.detach()
+            loss_sum = detached if loss_sum is None else loss_sum + detached
+        return loss_sum, contributed, records, positions, data_time
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not self._fast_path:
+            self.accelerator.backward(loss)
+        elif self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _grad_norm(self, unscale: bool = True) -> torch.Tensor:
+        """Clip to ``grad_clip`` (or only measure) and return the global norm before clipping."""
+        if self._fast_path:
+            grads = [p.grad for p in self._trainable if p.grad is not None]
+            if not grads:  # no micro-batch gave a loss
+                return torch.zeros((), device=self.device)
+            if unscale and self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self._inner_optimizer)
+            if self.grad_clip is not None:
+                return torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip, foreach=True)
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        # FSDP / DeepSpeed: Accelerate knows how to reduce sharded norms (and unscales once).
+        norm = self.accelerator.clip_grad_norm_(self._trainable, self.grad_clip or math.inf)
+        return norm if norm is not None else torch.zeros((), device=self.device)
+
+    def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
+        """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
+        if not self._sync_needed:
+            return bool(torch.isfinite(grad_norm)), contributed, self._stop_local
+        flags = torch.stack(
+            [
+                (~torch.isfinite(grad_norm)).to(torch.float32),
+                torch.tensor(float(contributed), device=grad_norm.device),
+                torch.tensor(float(self._stop_local), device=grad_norm.device),
+            ]
+        ).to(self.device)
+        torch.distributed.all_reduce(flags)  # SUM: gloo has no AVG
+        bad, total, stop = flags.tolist()
+        return bad == 0, int(total), stop > 0
+
+    def _zero_grad(self) -> None:
+        self._inner_optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> None:
+        if not self._fast_path:
+            self.optimizer.step()
+        elif self.grad_scaler is not None:
+            self.grad_scaler.step(self._inner_optimizer)
+            self.grad_scaler.update()
+        else:
+            self._inner_optimizer.step()
+
+    def _run_step(self) -> None:
+        t_start = time.perf_counter()
+        self.step_info = {}
+        self._call_hook("on_before_step")
+        k = self.gradient_accumulation_steps
+        expected = k * self.accelerator.num_processes
+        retries = backoffs = 0
+        skipped: list[int] = []
+        data_time = 0.0
+        while True:
+            loss_sum, contributed, records, positions, dt = self._micro_steps()
+            data_time += dt
+            if not positions:  # a one-shot iterable ran dry at a window boundary
+                self.request_stop("data exhausted")
+                return
+            grad_norm = self._grad_norm()
+            finite, total, stop = self._agree(grad_norm, contributed)
+            if stop:
+                self.should_stop = True
+            if total == 0:
+                why = f"forward() returned None for all {len(positions)} micro-batches"
+            elif finite:
+                break
+            else:
+                why = "non-finite gradients"
+            self._zero_grad()
+            skipped.extend(positions)
+            if self.grad_scaler is not None and total > 0 and backoffs < _MAX_SCALER_BACKOFFS:
+                # fp16 overflow: the scaler lowers its scale and the step is redone; this is
+                # the scaler's routine, not a fault, so it spends no retry.
+                self.grad_scaler.update()
+                backoffs += 1
+                continue
+            retries += 1
+            self.logger.warning(
+                "step %d: %s (batches %s); retry %d of %d",
+                self.step + 1, why, positions, retries, self.max_non_finite_grad_retries,
+            )
+            if retries > self.max_non_finite_grad_retries:
+                raise NonFiniteError(
+                    f"step {self.step + 1}: {why} after {retries} attempt(s) "
+                    f"(max_non_finite_grad_retries={self.max_non_finite_grad_retries}); "
+                    f"skipped batches {skipped}"
+                )
+            if self._data_exhausted:
+                self.request_stop("data exhausted")
+                return
+        if total != expected:
+            # Some micro-batches gave no loss (or the data ran out mid-window): each
+            # contributing micro-batch weighs 1/total, not 1/k, so nothing is under-scaled.
+            # Clipping already used the smaller norm; clipping again after the rescale gives
+            # exactly what clipping the rescaled gradients once would.
+            factor = expected / total
+            torch._foreach_mul_([p.grad for p in self._trainable if p.grad is not None], factor)
+            grad_norm = grad_norm * factor
+            if self.grad_clip is not None:
+                self._grad_norm(unscale=False)
+        self._call_hook("on_before_optimizer_step")
+        self._optimizer_step()
+        if self._inner_scheduler is not None:
+            self._inner_scheduler.step()
+        self._zero_grad()
+        self.step += 1
+        if self._data_exhausted:
+            self.request_stop("data exhausted")
+        info = self.step_info
+        info["loss"] = loss_sum / contributed
+        info["grad_norm"] = grad_norm
+        info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
+        info["records"] = records[0] if len(records) == 1 else key_average(records)
+        info["non_finite_retries"] = retries
+        info["skipped_batches"] = skipped
+        info["data_time"] = data_time
+        info["step_time"] = time.perf_counter() - t_start
+        self._call_hook("on_after_step")
+
+
+class _Exhausted:
+    """Marker: a one-shot data iterable has no more batches."""
+
+
+_EXHAUSTED = _Exhausted()
+
+
+def _destroy_process_group() -> None:
+    # gloo aborts the interpreter at exit if the process group is still alive.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
