@@ -93,10 +93,10 @@ class BaseTrainer:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
         if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
             raise ValueError(f"grad_clip must be a number > 0 or None, got {grad_clip!r}")
-        retries = max_non_finite_grad_retries or 0
+        retries = 0 if max_non_finite_grad_retries is None else max_non_finite_grad_retries
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"max_non_finite_grad_retries must be an int >= 0 or None, got {retries!r}")
-        accumulation = gradient_accumulation_steps or 1
+        accumulation = 1 if gradient_accumulation_steps is None else gradient_accumulation_steps
         if not isinstance(accumulation, int) or accumulation < 1:
             raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {accumulation!r}")
         if mixed_precision == "no":

@@ -1,0 +1,89 @@
+"""Tiny trainers used by several tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from acceltrain import BaseHook, BaseTrainer
+
+
+def regression_data(n: int = 64, d: int = 8, seed: int = 0) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, 1, generator=g)
+    y = x @ w + 0.01 * torch.randn(n, 1, generator=g)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class ToyTrainer(BaseTrainer):
+    """Linear regression on fixed data: exact, fast, deterministic."""
+
+    def __init__(self, *, batch_size: int = 8, n: int = 64, lr: float = 0.1, hooks: list | None = None,
+                 optimizer: str = "sgd", scheduler: bool = False, model_seed: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.batch_size, self.n, self.lr = batch_size, n, lr
+        self._extra_hooks = hooks or []
+        self.optimizer_name, self.use_scheduler, self.model_seed = optimizer, scheduler, model_seed
+
+    def build_data_loader(self):
+        return torch.utils.data.DataLoader(regression_data(self.n), batch_size=self.batch_size, shuffle=False)
+
+    def build_model(self):
+        torch.manual_seed(self.model_seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(self.device)
+
+    def build_optimizer(self):
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.model.parameters(), lr=self.lr)
+
+    def build_lr_scheduler(self):
+        if not self.use_scheduler:
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1 + s))
+
+    def build_hooks(self):
+        return list(self._extra_hooks)
+
+    def forward(self, input):
+        x, y = input
+        pred = self.model(x)
+        return nn.functional.mse_loss(pred, y), {"mae": (pred - y).abs().mean().item()}
+
+
+class Recorder(BaseHook):
+    """Records every event it sees, in order."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    def on_before_train(self, trainer):
+        self.events.append("before_train")
+
+    def on_after_train(self, trainer):
+        self.events.append("after_train")
+
+    def on_before_step(self, trainer):
+        self.events.append(f"before_step:{trainer.step}")
+
+    def on_before_optimizer_step(self, trainer):
+        self.events.append(f"before_optimizer_step:{trainer.step}")
+
+    def on_after_step(self, trainer):
+        self.events.append(f"after_step:{trainer.step}")
+
+    def on_log(self, trainer, records, dry_run=False):
+        self.events.append(f"log:{trainer.step}")
+
+    def on_state_dict(self, trainer, state_dict):
+        self.events.append(f"state_dict:{trainer.step}")
+
+    def on_load_state_dict(self, trainer, state_dict):
+        self.events.append(f"load_state_dict:{trainer.step}")
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]

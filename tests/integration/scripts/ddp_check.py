@@ -1,0 +1,98 @@
+"""Run under `torchrun --nproc_per_node 2` (ACCELERATE_USE_CPU=true): DDP checks for the trainer.
+
+Usage: ddp_check.py MODE OUT_DIR [--accum K] [--no-sync-off]
+Each rank writes OUT_DIR/rank{r}.json with its final parameters and what it counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from acceltrain import BaseHook, NonFiniteError  # noqa: E402
+from tests.helpers import ToyTrainer  # noqa: E402
+
+
+class CountAllReduces(BaseHook):
+    """Counts gradient all-reduces through a DDP communication hook."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_before_train(self, trainer):
+        def hook(state, bucket):
+            self.count += 1
+            return default_hooks.allreduce_hook(None, bucket)
+
+        trainer.model.register_comm_hook(state=None, hook=hook)
+
+
+class KeepInfo(BaseHook):
+    def __init__(self):
+        self.infos = []
+
+    def on_after_step(self, trainer):
+        info = trainer.step_info
+        self.infos.append({"retries": info["non_finite_retries"], "skipped": info["skipped_batches"],
+                           "lr": info["lr"][0], "loss": info["loss"].item()})
+
+
+class NaNOnRank(ToyTrainer):
+    def __init__(self, rank_nan, at, **kw):
+        super().__init__(**kw)
+        self.rank_nan, self.at, self.seen = rank_nan, at, 0
+
+    def forward(self, input):
+        loss, rec = super().forward(input)
+        if self.accelerator.process_index == self.rank_nan and (self.at is None or self.seen in self.at):
+            loss = loss * float("nan")
+        self.seen += 1
+        return loss, rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--no-sync-off", action="store_true")
+    args = ap.parse_args()
+
+    counter, keep = CountAllReduces(), KeepInfo()
+    common = dict(max_steps=4, gradient_accumulation_steps=args.accum, batch_size=4, n=128,
+                  no_sync_accumulate=not args.no_sync_off, hooks=[counter, keep], device="cpu")
+    if args.mode == "equiv":
+        trainer = ToyTrainer(**common)
+    elif args.mode == "nan":
+        trainer = NaNOnRank(1, {3}, max_non_finite_grad_retries=2, scheduler=True, **common)
+    else:
+        trainer = NaNOnRank(1, None, max_non_finite_grad_retries=2, **common)
+    error = None
+    try:
+        trainer.train()
+    except NonFiniteError as e:
+        error = str(e)
+    rank = trainer.accelerator.process_index
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "rank": rank,
+        "world": trainer.accelerator.num_processes,
+        "step": trainer.step,
+        "allreduces": counter.count,
+        "infos": keep.infos,
+        "error": error,
+        "params": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
+    }
+    (args.out / f"rank{rank}.json").write_text(json.dumps(result))
+    if error:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

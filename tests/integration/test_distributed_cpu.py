@@ -1,0 +1,61 @@
+"""Two CPU ranks (gloo, torchrun): no_sync accumulation, all-reduce counts, collective NaN skips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import torchrun
+from tests.helpers import ToyTrainer
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_check.py"
+pytestmark = pytest.mark.multiproc
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, accum):
+    torchrun(SCRIPT, "equiv", str(tmp_path), "--accum", str(accum))
+    r0, r1 = _results(tmp_path)
+    assert r0["world"] == 2 and r0["step"] == 4
+    assert r0["params"] == r1["params"]  # replicas identical
+    # One process, batch 2x4 (the two ranks' shards of each micro-step), same accumulation.
+    ref = ToyTrainer(max_steps=4, gradient_accumulation_steps=accum, batch_size=8, n=128, device="cpu")
+    ref.train()
+    for got, want in zip(r0["params"], ref.model.parameters(), strict=True):
+        torch.testing.assert_close(torch.tensor(got), want.detach().flatten(), atol=1e-6, rtol=0)
+    # no_sync: exactly one gradient all-reduce (one bucket for this model) per optimizer step.
+    assert r0["allreduces"] == r1["allreduces"] == 4
+
+
+def test_without_no_sync_every_micro_batch_all_reduces(tmp_path):
+    torchrun(SCRIPT, "equiv", str(tmp_path), "--accum", "3", "--no-sync-off")
+    r0, _ = _results(tmp_path)
+    assert r0["allreduces"] == 4 * 3
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(tmp_path):
+    torchrun(SCRIPT, "nan", str(tmp_path), "--accum", "2")
+    r0, r1 = _results(tmp_path)
+    assert r0["params"] == r1["params"]
+    for r in (r0, r1):
+        assert r["step"] == 4
+        assert [i["retries"] for i in r["infos"]] == [0, 1, 0, 0]
+        assert [i["skipped"] for i in r["infos"]] == [[], [2, 3], [], []]
+        # LambdaLR 1/(1+s): the scheduler did not advance for the skipped attempt.
+        assert [i["lr"] for i in r["infos"]] == pytest.approx([0.1 / 2, 0.1 / 3, 0.1 / 4, 0.1 / 5])
+
+
+def test_nan_on_one_rank_every_step_fails_on_both_without_hanging(tmp_path):
+    proc = torchrun(SCRIPT, "nan_exhaust", str(tmp_path), check=False, timeout=180)
+    assert proc.returncode != 0
+    r0, r1 = _results(tmp_path)
+    for r in (r0, r1):
+        assert r["step"] == 0
+        assert r["error"].startswith("step 1: non-finite gradients after 3 attempt(s)")
