@@ -98,7 +98,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _step_of(path: Path) -> int | None:
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named ``checkpoint_step_N``, else None."""
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else None
 
@@ -107,8 +108,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete-looking checkpoint folders under ``root``, oldest first (not yet verified)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
-    return sorted(found, key=_step_of)
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
@@ -186,9 +187,10 @@ def _write_manifest(folder: Path, step: int, world_size: int, extra: dict[str, A
     os.replace(tmp, folder / MANIFEST)
 
 
-def _point_latest(root: Path, target: Path) -> None:
-    link = root / LATEST
-    tmp = root / (LATEST + ".tmp")
+def point_link(root: Path, name: str, target: Path) -> None:
+    """Atomically point the symlink ``root/name`` at ``target`` (a sibling folder)."""
+    link = root / name
+    tmp = root / (name + ".tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(target.name, tmp)
@@ -227,7 +229,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _point_latest(root, final)
+        point_link(root, LATEST, final)
     acc.wait_for_everyone()
     return final
 

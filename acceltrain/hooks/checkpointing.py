@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import (
+    MANIFEST,
     CheckpointError,
+    checkpoint_step,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    point_link,
     save_checkpoint,
 )
+from ..utils import flatten_dict, to_float
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -39,6 +47,13 @@ class CheckpointingHook(BaseHook):
             previous handlers are restored after training.
         exit_code: ``"128+signal"`` (the shell convention) or a fixed int.
         exit_wait: Seconds to sleep before exiting after a signal-triggered save.
+        keep_best: Also keep the ``keep_best`` checkpoints with the best ``metric``
+            (``checkpoint_best`` points at the best one).
+        metric: A key of the records passed to ``trainer.log`` (e.g. ``"eval/loss"``); the last
+            value seen before a save is stored in that checkpoint's manifest.
+        mode: ``"min"`` or ``"max"``: which way ``metric`` is better.
+        requeue: Under SLURM (``SLURM_JOB_ID`` set), after a signal-triggered save run
+            ``scontrol requeue $SLURM_JOB_ID`` so the job restarts and resumes.
 
     Example:
         >>> CheckpointingHook(interval=1000, keep_previous=2, keep_interval=5000)
@@ -54,11 +69,19 @@ class CheckpointingHook(BaseHook):
         exit_signals: list[int] | tuple[int, ...] | None = _DEFAULT_SIGNALS,
         exit_code: str | int = "128+signal",
         exit_wait: float = 0.0,
+        keep_best: int | None = None,
+        metric: str | None = None,
+        mode: str = "min",
+        requeue: bool = False,
     ):
         if interval < 1:
             raise ValueError(f"CheckpointingHook interval must be >= 1, got {interval}")
         if keep_previous is not None and keep_previous < 1:
             raise ValueError(f"CheckpointingHook keep_previous must be >= 1 or None, got {keep_previous}")
+        if keep_best is not None and (keep_best < 1 or not metric):
+            raise ValueError("CheckpointingHook keep_best needs an int >= 1 and a metric name")
+        if mode not in ("min", "max"):
+            raise ValueError(f"CheckpointingHook mode must be 'min' or 'max', got {mode!r}")
         if exit_code != "128+signal" and not isinstance(exit_code, int):
             raise ValueError(f"CheckpointingHook exit_code must be '128+signal' or an int, got {exit_code!r}")
         self.interval = interval
@@ -69,6 +92,11 @@ class CheckpointingHook(BaseHook):
         self.exit_signals = tuple(exit_signals or ())
         self.exit_code = exit_code
         self.exit_wait = exit_wait
+        self.keep_best = keep_best
+        self.metric = metric
+        self.mode = mode
+        self.requeue = requeue
+        self._metric_value: float | None = None
         self.loaded_from: Path | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
@@ -112,24 +140,45 @@ class CheckpointingHook(BaseHook):
         if trainer.step == self._last_saved:
             return None
         root = self.root(trainer)
-        folder = save_checkpoint(trainer, root)
+        extra = {"metrics": {self.metric: self._metric_value}} if self.metric else {}
+        folder = save_checkpoint(trainer, root, extra=extra)
         self._last_saved = trainer.step
         if trainer.is_main_process:
             self._apply_retention(root)
         trainer.accelerator.wait_for_everyone()
         return folder
 
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+        if self.metric is not None:
+            value = flatten_dict(records).get(self.metric)
+            if value is not None:
+                self._metric_value = to_float(value)
+
     def _apply_retention(self, root: Path) -> None:
-        if self.keep_previous is None:
-            return
+        """Delete what no rule keeps; called only after a save completed."""
         folders = list_checkpoints(root)
-        newest = folders[-self.keep_previous:]
-        for folder in folders[: -self.keep_previous]:
-            step = int(folder.name.rsplit("_", 1)[1])
-            if self.keep_interval and step % self.keep_interval == 0:
-                continue
-            if folder not in newest:
+        keep = set(folders if self.keep_previous is None else folders[-self.keep_previous:])
+        if self.keep_interval:
+            keep |= {f for f in folders if checkpoint_step(f) % self.keep_interval == 0}
+        if self.keep_best:
+            best = self._ranked(folders)
+            keep |= set(best[: self.keep_best])
+            if best:
+                point_link(root, "checkpoint_best", best[0])
+        for folder in folders:
+            if folder not in keep:
                 shutil.rmtree(folder)
+
+    def _ranked(self, folders: list[Path]) -> list[Path]:
+        scored = []
+        for folder in folders:
+            try:
+                value = json.loads((folder / MANIFEST).read_text()).get("metrics", {}).get(self.metric)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if value is not None and math.isfinite(value):
+                scored.append((value if self.mode == "min" else -value, checkpoint_step(folder), folder))
+        return [f for _, _, f in sorted(scored, key=lambda t: (t[0], -t[1]))]
 
     # ---------------------------------------------------------------- signals
     def _install_signals(self, trainer: BaseTrainer) -> None:
@@ -154,6 +203,13 @@ class CheckpointingHook(BaseHook):
         finally:
             self._restore_signals()
         signum = _agreed_signal(trainer, self._signal)
+        if signum is not None and self.requeue and os.environ.get("SLURM_JOB_ID"):
+            # `scontrol requeue` from inside the job kills it at once: the save above is
+            # complete on every rank (save() ends with a barrier) before this runs.
+            if trainer.is_main_process:
+                job = os.environ["SLURM_JOB_ID"]
+                trainer.logger.warning("requeueing SLURM job %s after the checkpoint at step %d", job, trainer.step)
+                subprocess.run(["scontrol", "requeue", job], check=False)
         if signum is not None:
             if self.exit_wait:
                 time.sleep(self.exit_wait)

@@ -1,0 +1,152 @@
+"""acceltrain.checkpoint and CheckpointingHook: validation, corruption, safe loading, retention."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from acceltrain import CheckpointingHook
+from acceltrain.checkpoint import (
+    CheckpointError,
+    _write_manifest,
+    find_latest_checkpoint,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from tests.helpers import ToyTrainer
+
+
+def _train(tmp_path: Path, steps: int, **hook_kwargs) -> ToyTrainer:
+    hook_kwargs.setdefault("interval", 1)
+    hook_kwargs.setdefault("keep_previous", None)
+    hook = CheckpointingHook(exit_signals=[], **hook_kwargs)
+    t = ToyTrainer(max_steps=steps, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook])
+    t.train()
+    return t
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint_step_"))
+
+
+def test_folder_layout_and_manifest(tmp_path):
+    _train(tmp_path, 2)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    manifest = verify_checkpoint(folder)
+    assert manifest["step"] == 2 and manifest["world_size"] == 1
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rng_state_0.pt"}
+    assert {"torch", "accelerate", "transformers", "acceltrain"} <= set(manifest["versions"])
+
+
+def test_truncated_file_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    _train(tmp_path, 3)
+    root = tmp_path / "checkpoints"
+    victim = root / "checkpoint_step_3" / "optimizer.pt"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="acceltrain"):
+        assert find_latest_checkpoint(root) == root / "checkpoint_step_2"
+    assert str(victim) in caplog.text and "truncated" in caplog.text
+
+
+def test_altered_file_of_same_size_is_detected(tmp_path):
+    _train(tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    victim = folder / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: CRC32 differs"):
+        verify_checkpoint(folder)
+
+
+def test_explicit_load_of_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path):
+    _train(tmp_path, 2)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    (folder / "trainer_state.pt").write_bytes(b"garbage")
+    hook = CheckpointingHook(load=folder, exit_signals=[])
+    t = ToyTrainer(max_steps=3, optimizer="adamw", device="cpu", workspace=tmp_path / "other", hooks=[hook])
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt"):
+        t.train()
+
+
+def test_missing_load_path_is_an_error(tmp_path):
+    hook = CheckpointingHook(load=tmp_path / "nope", exit_signals=[])
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        ToyTrainer(max_steps=1, device="cpu", hooks=[hook]).train()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_never_executed(tmp_path):
+    _train(tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    (folder / "trainer_state.pt").write_bytes(pickle.dumps({"step": payload}))
+    _write_manifest(folder, 1, 1, {})  # a "valid" manifest: the attack passes the size/CRC checks
+    t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
+    t._build()
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: cannot be loaded safely"):
+        load_checkpoint(t, folder)
+    assert not marker.exists()
+
+
+def test_stale_temporary_folder_is_removed(tmp_path):
+    _train(tmp_path, 1)
+    stale = tmp_path / "checkpoints" / ".tmp_checkpoint_step_7"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint_step_1"
+    assert not stale.exists()
+
+
+def test_world_size_change_is_refused(tmp_path):
+    _train(tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["world_size"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
+    t._build()
+    with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1"):
+        load_checkpoint(t, folder)
+
+
+def test_keep_previous_and_keep_interval_after_20_steps(tmp_path):
+    _train(tmp_path, 20, keep_previous=2, keep_interval=5)
+    assert _names(tmp_path / "checkpoints") == [f"checkpoint_step_{n}" for n in (10, 15, 19, 20, 5)]
+
+
+def test_keep_best_by_metric_after_20_steps(tmp_path):
+    scripted = {s: abs(s - 7) + 0.5 * (s > 7) for s in range(1, 21)}  # best: 7 (0.0), then 6 (1.0)
+
+    class Metric(CheckpointingHook):
+        def on_after_step(self, trainer):
+            trainer.log({"eval": {"loss": scripted[trainer.step]}})
+            super().on_after_step(trainer)
+
+    hook = Metric(interval=1, keep_previous=1, keep_best=2, metric="eval/loss", mode="min", exit_signals=[])
+    ToyTrainer(max_steps=20, device="cpu", workspace=tmp_path, hooks=[hook]).train()
+    root = tmp_path / "checkpoints"
+    assert _names(root) == ["checkpoint_step_20", "checkpoint_step_6", "checkpoint_step_7"]
+    assert (root / "checkpoint_best").resolve().name == "checkpoint_step_7"
+    assert json.loads((root / "checkpoint_step_7" / "manifest.json").read_text())["metrics"] == {"eval/loss": 0.0}
+
+
+def test_bad_hook_arguments():
+    with pytest.raises(ValueError, match="keep_best needs"):
+        CheckpointingHook(keep_best=2)
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        CheckpointingHook(keep_best=1, metric="m", mode="low")
+    with pytest.raises(ValueError, match="interval must be >= 1"):
+        CheckpointingHook(interval=0)
