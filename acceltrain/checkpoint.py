@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .config import UserError
+
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
@@ -47,7 +49,7 @@ _STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 _CRC_CHUNK = 1 << 24
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint is missing, torn, altered or does not fit this run."""
 
 
