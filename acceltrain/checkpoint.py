@@ -243,8 +243,12 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
 
 
-def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Restore ``folder`` into a built trainer; returns its manifest."""
+def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, strict: bool = True) -> dict[str, Any]:
+    """Restore ``folder`` into a built trainer; returns its manifest.
+
+    ``strict=False`` turns a failed resume self-check (the next batch is not the saved one)
+    into a warning.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -262,7 +266,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True) 
         raise CheckpointError(f"{folder / 'model.safetensors'}: {e}") from None
     state["optimizer"] = _load(folder / "optimizer.pt")
     _restore_tied(trainer.unwrapped_model, state["model"])
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state, strict_data=strict)
     rng_file = folder / f"rng_state_{acc.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(_load(rng_file))

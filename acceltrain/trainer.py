@@ -16,9 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, send_to_device
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .data_position import DataPosition, can_rebuild
 from .hooks.base import EVENTS, BaseHook
 from .utils import key_average
 
@@ -57,6 +58,8 @@ class BaseTrainer:
         logger: A ``logging.Logger``; defaults to ``logging.getLogger("acceltrain")``.
         accelerator: A ready ``Accelerator`` (its settings win over ``mixed_precision``/``device``).
         accelerator_kwargs: Extra keyword arguments for the ``Accelerator`` the trainer creates.
+        data_seed: Seed of the shuffling order when the trainer makes the data loader
+            resumable; default: the loader's generator seed, else rank 0's ``torch.initial_seed()``.
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -88,6 +91,7 @@ class BaseTrainer:
         logger: logging.Logger | None = None,
         accelerator: Accelerator | None = None,
         accelerator_kwargs: dict[str, Any] | None = None,
+        data_seed: int | None = None,
     ) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
@@ -140,6 +144,10 @@ class BaseTrainer:
         self._data_iter: Iterator | None = None
         self._data_exhausted = False
         self._batches_drawn = 0
+        self._batches_in_epoch = 0
+        self._skip_batches = 0
+        self.data_seed = data_seed
+        self._position: DataPosition | None = None
 
     # ------------------------------------------------------------------ build contract
     def build_data_loader(self) -> Iterable:
@@ -201,12 +209,19 @@ class BaseTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "hooks": self._hook_states(),
+            "data": self._position.state_dict() if self._position is not None
+            else {"epoch": self.epoch, "batches_in_epoch": self._batches_in_epoch},
         }
         self._call_hook("on_state_dict", state)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``state_dict()``'s output. Before ``train()`` it is kept and applied after building."""
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True) -> None:
+        """Restore ``state_dict()``'s output. Before ``train()`` it is kept and applied after building.
+
+        The data position is restored too: the next batch is the one the saved run would have
+        drawn (checked by a fingerprint of its sample indices; ``strict_data=False`` warns
+        instead of raising on a mismatch).
+        """
         if not self._built:
             self._pending_state = state_dict
             return
@@ -223,6 +238,7 @@ class BaseTrainer:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self.step = int(state_dict["step"])
         self.epoch = int(state_dict.get("epoch", 0))
+        self._restore_data_position(state_dict.get("data"), strict_data)
         self._load_hook_states(state_dict.get("hooks") or {})
         self._call_hook("on_load_state_dict", state_dict)
 
@@ -299,7 +315,14 @@ class BaseTrainer:
         if scaler is not None and scaler is not acc.scaler:
             acc.scaler = scaler  # prepare() hands it to the AcceleratedOptimizer
         data_loader = self.build_data_loader()
-        prepare_data = isinstance(data_loader, torch.utils.data.DataLoader)
+        if can_rebuild(data_loader):
+            # Exact resume: the trainer owns the order (a seeded, sharded, resumable sampler),
+            # so Accelerate must not shard it again; batches are moved to the device in _next_batch.
+            self._position = DataPosition(data_loader, num_replicas=acc.num_processes,
+                                          rank=acc.process_index, seed=self._agree_seed(data_loader))
+            self._position.start_epoch(0)
+            data_loader = self._position.loader
+        prepare_data = isinstance(data_loader, torch.utils.data.DataLoader) and self._position is None
 
         objects = [self.model, self.optimizer]
         if self.lr_scheduler is not None:
@@ -380,22 +403,70 @@ class BaseTrainer:
     def _next_batch(self) -> Any:
         if self._data_iter is None:
             self._data_iter = iter(self.data_loader)
+            if self._skip_batches:
+                self._skip_consumed()
         try:
             batch = next(self._data_iter)
         except StopIteration:
-            if iter(self.data_loader) is self.data_loader:  # a one-shot iterator: no more data
+            if isinstance(self.data_loader, Iterator):  # a one-shot iterator: no more data
                 self._data_exhausted = True
                 return _EXHAUSTED
-            self.epoch += 1
-            if hasattr(self.data_loader, "set_epoch"):
-                self.data_loader.set_epoch(self.epoch)
-            self._data_iter = iter(self.data_loader)
+            self._new_epoch()
             try:
                 batch = next(self._data_iter)
             except StopIteration:
                 raise RuntimeError("build_data_loader() returned an iterable with no batches") from None
         self._batches_drawn += 1
+        self._batches_in_epoch += 1
+        if self._position is not None:
+            self._position.consumed(self._position.batch_size)
+            batch = send_to_device(batch, self.device, non_blocking=self._position.loader.pin_memory)
         return batch
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self._batches_in_epoch = 0
+        if self._position is not None:
+            self._position.start_epoch(self.epoch)
+        elif hasattr(self.data_loader, "set_epoch"):
+            self.data_loader.set_epoch(self.epoch)
+        self._data_iter = iter(self.data_loader)
+
+    def _agree_seed(self, loader: torch.utils.data.DataLoader) -> int:
+        if self.data_seed is not None:
+            return int(self.data_seed)
+        if loader.generator is not None:
+            return int(loader.generator.initial_seed())
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=self.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast(seed, src=0)
+        return int(seed.item())
+
+    def _restore_data_position(self, state: dict[str, Any] | None, strict: bool) -> None:
+        self._data_iter = None
+        if not state:
+            return
+        if self._position is not None and "samples_in_epoch" in state:
+            self._position.load_state_dict(state, strict=strict)
+            self._batches_in_epoch = state["samples_in_epoch"] // max(1, self._position.batch_size)
+            return
+        # Iterable data or a custom sampler: the consumed batches must be read again and dropped.
+        self._batches_in_epoch = 0
+        self._skip_batches = int(state.get("batches_in_epoch", 0))
+        if hasattr(self.data_loader, "set_epoch"):
+            self.data_loader.set_epoch(self.epoch)
+
+    def _skip_consumed(self) -> None:
+        n, self._skip_batches = self._skip_batches, 0
+        if self.is_main_process:
+            self.logger.warning("resume: reading and dropping %d consumed batches of epoch %d "
+                                "(an iterable or custom-sampled loader cannot seek)", n, self.epoch)
+        for i in range(n):
+            try:
+                next(self._data_iter)
+            except StopIteration:
+                raise RuntimeError(f"resume: the data has only {i} of the {n} batches consumed before") from None
+        self._batches_in_epoch = n
 
     def _micro_steps(self) -> tuple[torch.Tensor | None, int, list[dict], list[int], float]:
         """Run one accumulation window: forward and backward over its micro-batches."""

@@ -54,6 +54,8 @@ class CheckpointingHook(BaseHook):
         mode: ``"min"`` or ``"max"``: which way ``metric`` is better.
         requeue: Under SLURM (``SLURM_JOB_ID`` set), after a signal-triggered save run
             ``scontrol requeue $SLURM_JOB_ID`` so the job restarts and resumes.
+        strict: After loading, the next batch's sample indices must match the fingerprint the
+            checkpoint recorded; ``False`` warns instead of raising.
 
     Example:
         >>> CheckpointingHook(interval=1000, keep_previous=2, keep_interval=5000)
@@ -73,6 +75,7 @@ class CheckpointingHook(BaseHook):
         metric: str | None = None,
         mode: str = "min",
         requeue: bool = False,
+        strict: bool = True,
     ):
         if interval < 1:
             raise ValueError(f"CheckpointingHook interval must be >= 1, got {interval}")
@@ -96,6 +99,7 @@ class CheckpointingHook(BaseHook):
         self.metric = metric
         self.mode = mode
         self.requeue = requeue
+        self.strict = strict
         self._metric_value: float | None = None
         self.loaded_from: Path | None = None
         self._signal: int | None = None
@@ -124,7 +128,7 @@ class CheckpointingHook(BaseHook):
                 raise CheckpointError(f"load={str(self.load)!r}: no such checkpoint folder")
         if chosen is None:
             return
-        load_checkpoint(trainer, chosen)
+        load_checkpoint(trainer, chosen, strict=self.strict)
         self.loaded_from = chosen
         self._last_saved = trainer.step
         if acc.is_main_process:

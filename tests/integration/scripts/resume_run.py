@@ -1,0 +1,150 @@
+"""A training run that can be interrupted by a signal at a chosen point, for the exact-resume tests.
+
+Usage: resume_run.py WORKSPACE --max-steps N [--kill-at K [--mid-window] [--kill-rank R]]
+       [--workers W] [--accum A] [--batch-size B] [--slow-save-at S]
+
+Shuffling, dropout, an LR schedule, AdamW, accumulation and DataLoader workers are all on, so
+every source of state a resume must restore matters. Each rank appends one JSON line per
+step to WORKSPACE/steps_rank{r}.jsonl (loss and the sample indices of the step) and, at the
+end, writes its model and optimizer state to WORKSPACE/final_rank{r}.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from acceltrain import BaseHook, BaseTrainer, CheckpointingHook  # noqa: E402
+from acceltrain.config import exit_on_user_error  # noqa: E402
+
+
+def dataset(n: int = 96) -> torch.utils.data.TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :3].sum(1, keepdim=True) > 0).float()
+    return torch.utils.data.TensorDataset(x, y, torch.arange(n))
+
+
+class StepLog(BaseHook):
+    def __init__(self, path: Path):
+        self.path = path
+        self.indices: list[int] = []
+
+    def on_before_step(self, trainer):
+        self.indices = []
+
+    def on_after_step(self, trainer):
+        line = {"step": trainer.step, "loss": trainer.step_info["loss"].item(), "indices": self.indices,
+                "lr": trainer.step_info["lr"][0]}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+class ResumeTrainer(BaseTrainer):
+    def __init__(self, args: argparse.Namespace, **kwargs):
+        super().__init__(**kwargs)
+        self.args = args
+        self.micro = 0
+
+    def build_data_loader(self):
+        return torch.utils.data.DataLoader(dataset(), batch_size=self.args.batch_size, shuffle=not self.args.no_shuffle,
+                                           num_workers=self.args.workers)
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+
+    def build_optimizer(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=3e-2, weight_decay=0.1)
+
+    def build_lr_scheduler(self):
+        total = self.max_steps
+
+        def warmup_cosine(s: int) -> float:
+            return min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine)
+
+    def build_hooks(self):
+        rank = self.accelerator.process_index
+        return [StepLog(self.workspace / f"steps_rank{rank}.jsonl"),
+                CheckpointingHook(interval=self.args.interval, keep_previous=None)]
+
+    def forward(self, input):
+        x, y, idx = input
+        a = self.args
+        rank = self.accelerator.process_index
+        micro_in_window = self.micro % self.gradient_accumulation_steps
+        self.micro += 1
+        # --mid-window: the signal lands on micro-batch 1 of step kill_at (0-based), inside the window.
+        if a.mid_window and rank == a.kill_rank and self.step == a.kill_at - 1 and micro_in_window == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.hooks[0].indices.extend(idx.tolist())
+        logits = self.model(x)
+        return nn.functional.binary_cross_entropy_with_logits(logits, y), {}
+
+
+class KillAfterStep(BaseHook):
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def on_after_step(self, trainer):
+        if trainer.step == self.step and trainer.accelerator.process_index == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@exit_on_user_error
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--max-steps", type=int, required=True)
+    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--mid-window", action="store_true")
+    ap.add_argument("--kill-rank", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--interval", type=int, default=4)
+    ap.add_argument("--slow-save-at", type=int)
+    ap.add_argument("--no-shuffle", action="store_true")
+    args = ap.parse_args()
+
+    if args.slow_save_at is not None:
+        # Make the checkpoint write slow so the test can kill -9 the process in the middle of it.
+        import acceltrain.checkpoint as ckpt
+
+        original = ckpt._write_manifest
+
+        def slow_manifest(folder, step, *rest, **kw):
+            if step == args.slow_save_at:
+                (folder.parent / "SAVING").write_text(str(step))
+                time.sleep(60)
+            return original(folder, step, *rest, **kw)
+
+        ckpt._write_manifest = slow_manifest
+
+    trainer = ResumeTrainer(args, max_steps=args.max_steps, gradient_accumulation_steps=args.accum,
+                            grad_clip=1.0, workspace=args.workspace, device="cpu")
+    if args.kill_at is not None and not args.mid_window:
+        original_build = trainer.build_hooks
+        trainer.build_hooks = lambda: [*original_build(), KillAfterStep(args.kill_at, args.kill_rank)]
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    state = trainer.state_dict()
+    torch.save({"model": state["model"], "optimizer": state["optimizer"], "step": trainer.step},
+               args.workspace / f"final_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
