@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, send_to_device
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .data_position import DataPosition, can_rebuild
+from .data_stream import EXHAUSTED, DataStream
 from .hooks.base import EVENTS, BaseHook
 from .utils import key_average
 
@@ -127,7 +127,6 @@ class BaseTrainer:
         self.device = self.accelerator.device
 
         self.step = 0
-        self.epoch = 0
         self.step_info: dict[str, Any] = {}
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -141,13 +140,8 @@ class BaseTrainer:
         self._stop_local = False
         self._built = False
         self._pending_state: dict[str, Any] | None = None
-        self._data_iter: Iterator | None = None
-        self._data_exhausted = False
-        self._batches_drawn = 0
-        self._batches_in_epoch = 0
-        self._skip_batches = 0
         self.data_seed = data_seed
-        self._position: DataPosition | None = None
+        self._data: DataStream | None = None
 
     # ------------------------------------------------------------------ build contract
     def build_data_loader(self) -> Iterable:
@@ -203,14 +197,12 @@ class BaseTrainer:
         model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer, options=self.state_dict_options)
         state: dict[str, Any] = {
             "step": self.step,
-            "epoch": self.epoch,
             "model": model_sd,
             "optimizer": optim_sd,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "hooks": self._hook_states(),
-            "data": self._position.state_dict() if self._position is not None
-            else {"epoch": self.epoch, "batches_in_epoch": self._batches_in_epoch},
+            "data": self._data.state_dict(),
         }
         self._call_hook("on_state_dict", state)
         return state
@@ -237,8 +229,7 @@ class BaseTrainer:
         if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self.step = int(state_dict["step"])
-        self.epoch = int(state_dict.get("epoch", 0))
-        self._restore_data_position(state_dict.get("data"), strict_data)
+        self._data.load_state_dict(state_dict.get("data"), strict=strict_data)
         self._load_hook_states(state_dict.get("hooks") or {})
         self._call_hook("on_load_state_dict", state_dict)
 
@@ -271,6 +262,11 @@ class BaseTrainer:
     def unwrapped_model(self) -> torch.nn.Module:
         self._require_built("unwrapped_model")
         return self.unwrap(self.model)
+
+    @property
+    def epoch(self) -> int:
+        """Passes over the data started so far, minus one (0 during the first)."""
+        return self._data.epoch if self._data is not None else 0
 
     @property
     def is_main_process(self) -> bool:
@@ -314,26 +310,15 @@ class BaseTrainer:
         scaler = self.build_grad_scaler()
         if scaler is not None and scaler is not acc.scaler:
             acc.scaler = scaler  # prepare() hands it to the AcceleratedOptimizer
-        data_loader = self.build_data_loader()
-        if can_rebuild(data_loader):
-            # Exact resume: the trainer owns the order (a seeded, sharded, resumable sampler),
-            # so Accelerate must not shard it again; batches are moved to the device in _next_batch.
-            self._position = DataPosition(data_loader, num_replicas=acc.num_processes,
-                                          rank=acc.process_index, seed=self._agree_seed(data_loader))
-            self._position.start_epoch(0)
-            data_loader = self._position.loader
-        prepare_data = isinstance(data_loader, torch.utils.data.DataLoader) and self._position is None
-
         objects = [self.model, self.optimizer]
         if self.lr_scheduler is not None:
             objects.append(self.lr_scheduler)
-        if prepare_data:
-            objects.append(data_loader)
         prepared = list(acc.prepare(*objects))
         self.model, self.optimizer = prepared[0], prepared[1]
         if self.lr_scheduler is not None:
             self.lr_scheduler = prepared[2]
-        self.data_loader = prepared[-1] if prepare_data else data_loader
+        self._data = DataStream(self.build_data_loader(), acc, self.data_seed)
+        self.data_loader = self._data.loader
         self.grad_scaler = acc.scaler
 
         # The hot path talks to the plain optimizer and scheduler: AcceleratedOptimizer.step
@@ -400,74 +385,6 @@ class BaseTrainer:
                 hook.load_state_dict(states[key])
 
     # ------------------------------------------------------------------ the step
-    def _next_batch(self) -> Any:
-        if self._data_iter is None:
-            self._data_iter = iter(self.data_loader)
-            if self._skip_batches:
-                self._skip_consumed()
-        try:
-            batch = next(self._data_iter)
-        except StopIteration:
-            if isinstance(self.data_loader, Iterator):  # a one-shot iterator: no more data
-                self._data_exhausted = True
-                return _EXHAUSTED
-            self._new_epoch()
-            try:
-                batch = next(self._data_iter)
-            except StopIteration:
-                raise RuntimeError("build_data_loader() returned an iterable with no batches") from None
-        self._batches_drawn += 1
-        self._batches_in_epoch += 1
-        if self._position is not None:
-            self._position.consumed(self._position.batch_size)
-            batch = send_to_device(batch, self.device, non_blocking=self._position.loader.pin_memory)
-        return batch
-
-    def _new_epoch(self) -> None:
-        self.epoch += 1
-        self._batches_in_epoch = 0
-        if self._position is not None:
-            self._position.start_epoch(self.epoch)
-        elif hasattr(self.data_loader, "set_epoch"):
-            self.data_loader.set_epoch(self.epoch)
-        self._data_iter = iter(self.data_loader)
-
-    def _agree_seed(self, loader: torch.utils.data.DataLoader) -> int:
-        if self.data_seed is not None:
-            return int(self.data_seed)
-        if loader.generator is not None:
-            return int(loader.generator.initial_seed())
-        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=self.device)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.broadcast(seed, src=0)
-        return int(seed.item())
-
-    def _restore_data_position(self, state: dict[str, Any] | None, strict: bool) -> None:
-        self._data_iter = None
-        if not state:
-            return
-        if self._position is not None and "samples_in_epoch" in state:
-            self._position.load_state_dict(state, strict=strict)
-            self._batches_in_epoch = state["samples_in_epoch"] // max(1, self._position.batch_size)
-            return
-        # Iterable data or a custom sampler: the consumed batches must be read again and dropped.
-        self._batches_in_epoch = 0
-        self._skip_batches = int(state.get("batches_in_epoch", 0))
-        if hasattr(self.data_loader, "set_epoch"):
-            self.data_loader.set_epoch(self.epoch)
-
-    def _skip_consumed(self) -> None:
-        n, self._skip_batches = self._skip_batches, 0
-        if self.is_main_process:
-            self.logger.warning("resume: reading and dropping %d consumed batches of epoch %d "
-                                "(an iterable or custom-sampled loader cannot seek)", n, self.epoch)
-        for i in range(n):
-            try:
-                next(self._data_iter)
-            except StopIteration:
-                raise RuntimeError(f"resume: the data has only {i} of the {n} batches consumed before") from None
-        self._batches_in_epoch = n
-
     def _micro_steps(self) -> tuple[torch.Tensor | None, int, list[dict], list[int], float]:
         """Run one accumulation window: forward and backward over its micro-batches."""
         k = self.gradient_accumulation_steps
@@ -479,11 +396,11 @@ class BaseTrainer:
         data_time = 0.0
         for micro in range(k):
             t0 = time.perf_counter()
-            batch = self._next_batch()
+            batch = self._data.next()
             data_time += time.perf_counter() - t0
-            if batch is _EXHAUSTED:
+            if batch is EXHAUSTED:
                 break
-            positions.append(self._batches_drawn - 1)
+            positions.append(self._data.batches_drawn - 1)
             sync_ctx = (
                 self.accelerator.no_sync(self.model)
                 if self._use_no_sync and micro < k - 1
@@ -596,7 +513,7 @@ class BaseTrainer:
                     f"(max_non_finite_grad_retries={self.max_non_finite_grad_retries}); "
                     f"skipped batches {skipped}"
                 )
-            if self._data_exhausted:
+            if self._data.exhausted:
                 self.request_stop("data exhausted")
                 return
         if total != expected:
@@ -615,7 +532,7 @@ class BaseTrainer:
             self._inner_scheduler.step()
         self._zero_grad()
         self.step += 1
-        if self._data_exhausted:
+        if self._data.exhausted:
             self.request_stop("data exhausted")
         info = self.step_info
         info["loss"] = loss_sum / contributed
@@ -627,13 +544,6 @@ class BaseTrainer:
         info["data_time"] = data_time
         info["step_time"] = time.perf_counter() - t_start
         self._call_hook("on_after_step")
-
-
-class _Exhausted:
-    """Marker: a one-shot data iterable has no more batches."""
-
-
-_EXHAUSTED = _Exhausted()
 
 
 def _destroy_process_group() -> None:

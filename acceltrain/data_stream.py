@@ -1,4 +1,4 @@
-"""Where the trainer is in its data, so a resume continues with the very next sample.
+"""The trainer's walk over its data: epochs, device placement, and a position that resumes exactly.
 
 A user's map-style ``DataLoader`` (sequential or shuffled) is rebuilt around a
 :class:`~acceltrain.data.sampler.ResumableSampler`: same dataset, batch size, collate_fn and
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from .config import UserError
@@ -121,3 +124,116 @@ class DataPosition:
             if strict:
                 raise DataPositionError(message)
             logger.warning(message)
+
+
+class _Exhausted:
+    """Marker: a one-shot data iterable has no more batches."""
+
+
+EXHAUSTED = _Exhausted()
+
+
+class DataStream:
+    """Endless batches from the user's data, one epoch after another, that can be resumed.
+
+    Args:
+        data: What ``build_data_loader()`` returned.
+        accelerator: Prepares (shards, places) loaders the trainer cannot make resumable.
+        data_seed: Order seed; default the loader's generator seed, else rank 0's
+            ``torch.initial_seed()`` (so ``seed_everything`` decides it, as in plain PyTorch).
+    """
+
+    def __init__(self, data: Iterable, accelerator: Accelerator, data_seed: int | None = None):
+        self.accelerator = accelerator
+        self.position: DataPosition | None = None
+        if can_rebuild(data):
+            # The trainer owns the order (seeded, sharded, resumable), so Accelerate must not
+            # shard it again; batches are moved to the device here instead.
+            self.position = DataPosition(data, num_replicas=accelerator.num_processes,
+                                         rank=accelerator.process_index, seed=self._agree_seed(data, data_seed))
+            self.position.start_epoch(0)
+            data = self.position.loader
+        elif isinstance(data, DataLoader):
+            data = accelerator.prepare(data)
+        self.loader = data
+        self.epoch = 0
+        self.batches_drawn = 0
+        self.batches_in_epoch = 0
+        self.exhausted = False
+        self._iter: Iterator | None = None
+        self._skip = 0
+
+    def _agree_seed(self, loader: DataLoader, data_seed: int | None) -> int:
+        if data_seed is not None:
+            return int(data_seed)
+        if loader.generator is not None:
+            return int(loader.generator.initial_seed())
+        seed = torch.tensor([torch.initial_seed() % 2**62], dtype=torch.int64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast(seed, src=0)
+        return int(seed.item())
+
+    def next(self) -> Any:
+        """The next batch (on the device), or ``EXHAUSTED`` when a one-shot iterable runs dry."""
+        if self._iter is None:
+            self._iter = iter(self.loader)
+            if self._skip:
+                self._skip_consumed()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            if isinstance(self.loader, Iterator):  # a one-shot iterator cannot start another epoch
+                self.exhausted = True
+                return EXHAUSTED
+            self._new_epoch()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                raise RuntimeError("build_data_loader() returned an iterable with no batches") from None
+        self.batches_drawn += 1
+        self.batches_in_epoch += 1
+        if self.position is not None:
+            self.position.consumed(self.position.batch_size)
+            batch = send_to_device(batch, self.accelerator.device, non_blocking=self.position.loader.pin_memory)
+        return batch
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        if self.position is not None:
+            self.position.start_epoch(self.epoch)
+        elif hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        self._iter = iter(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.position is not None:
+            return self.position.state_dict()
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any] | None, *, strict: bool = True) -> None:
+        self._iter = None
+        if not state:
+            return
+        self.epoch = int(state["epoch"])
+        if self.position is not None and "samples_in_epoch" in state:
+            self.position.load_state_dict(state, strict=strict)
+            self.batches_in_epoch = state["samples_in_epoch"] // max(1, self.position.batch_size)
+            return
+        # Iterable data or a custom sampler: the consumed batches must be read again and dropped.
+        self.batches_in_epoch = 0
+        self._skip = int(state.get("batches_in_epoch", 0))
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+
+    def _skip_consumed(self) -> None:
+        n, self._skip = self._skip, 0
+        if self.accelerator.is_main_process:
+            logger.warning("resume: reading and dropping %d consumed batches of epoch %d "
+                           "(an iterable or custom-sampled loader cannot seek)", n, self.epoch)
+        for i in range(n):
+            try:
+                next(self._iter)
+            except StopIteration:
+                raise DataPositionError(f"resume: the data has only {i} of the {n} batches consumed before") from None
+        self.batches_in_epoch = n
