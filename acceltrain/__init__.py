@@ -5,6 +5,7 @@ The ``mini.trainer`` API: ``from acceltrain import BaseTrainer, ProgressHook, ..
 
 __version__ = "0.1.0"
 
+from .export import ExportHook, save_pretrained
 from .hooks import (
     EVENTS,
     BaseHook,
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointingHook",
     "CudaMaxMemoryHook",
     "EmaHook",
+    "ExportHook",
     "ImageFileLoggerHook",
     "LoggingHook",
     "NonFiniteError",
@@ -36,5 +38,6 @@ __all__ = [
     "format_params",
     "key_average",
     "map_nested_tensor",
+    "save_pretrained",
     "seed_everything",
 ]

@@ -254,6 +254,14 @@ class BaseTrainer:
         else:
             self.should_stop = True
 
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Export a Hugging Face folder (safetensors; the adapter for PEFT models). See
+        :func:`acceltrain.export.save_pretrained`; every rank must call it."""
+        from .export import save_pretrained
+
+        self._require_built("save_pretrained()")
+        return save_pretrained(self, directory, **kwargs)
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module under DDP/FSDP/DeepSpeed/``torch.compile`` wrappers."""
         return self.accelerator.unwrap_model(model, keep_torch_compile=False)

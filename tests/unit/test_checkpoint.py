@@ -150,3 +150,74 @@ def test_bad_hook_arguments():
         CheckpointingHook(keep_best=1, metric="m", mode="low")
     with pytest.raises(ValueError, match="interval must be >= 1"):
         CheckpointingHook(interval=0)
+
+
+def test_save_pretrained_hf_model_and_lora_adapter_load_without_acceltrain(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from acceltrain import BaseTrainer
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+    class LM(BaseTrainer):
+        def __init__(self, lora, **kw):
+            super().__init__(**kw)
+            self.lora = lora
+
+        def build_data_loader(self):
+            ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4)
+
+        def build_model(self):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg)
+            if self.lora:
+                model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+            return model
+
+        def build_optimizer(self):
+            return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
+
+        def forward(self, input):
+            (ids,) = input
+            return self.model(input_ids=ids, labels=ids).loss, {}
+
+    full = LM(False, max_steps=3, device="cpu")
+    full.train()
+    full.save_pretrained(tmp_path / "full")
+    lora = LM(True, max_steps=3, device="cpu")
+    lora.train()
+    lora.save_pretrained(tmp_path / "lora")
+    lora.save_pretrained(tmp_path / "merged", merge_lora=True)
+    probe = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        want = {"full": full.unwrapped_model(probe).logits, "lora": lora.unwrapped_model(probe).logits}
+    torch.save(want, tmp_path / "want.pt")
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(base)  # the same initial weights the LoRA run started from
+    check = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+assert 'acceltrain' not in sys.modules
+want = torch.load(r'{tmp_path / "want.pt"}')
+probe = torch.arange(10).unsqueeze(0)
+full = AutoModelForCausalLM.from_pretrained(r'{tmp_path / "full"}')
+torch.testing.assert_close(full(probe).logits, want['full'], atol=1e-5, rtol=0)
+lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base}'), r'{tmp_path / "lora"}')
+torch.testing.assert_close(lora(probe).logits, want['lora'], atol=1e-5, rtol=0)
+merged = AutoModelForCausalLM.from_pretrained(r'{tmp_path / "merged"}')
+torch.testing.assert_close(merged(probe).logits, want['lora'], atol=1e-5, rtol=0)
+print('ok')
+"""
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -1,0 +1,98 @@
+"""Hugging Face folders from a trainer: weights in safetensors, consolidated from shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .hooks.base import BaseHook
+
+if TYPE_CHECKING:
+    from .trainer import BaseTrainer
+
+__all__ = ["save_pretrained", "ExportHook"]
+
+
+def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: Any = None,
+                    merge_lora: bool = False, model_card: str | None = None) -> Path:
+    """Write the unwrapped model as a folder that ``from_pretrained`` loads; every rank must call it.
+
+    - A ``transformers`` model: ``config.json`` (+ ``generation_config.json``) and
+      ``model.safetensors``; a PEFT model: the adapter (``adapter_config.json`` +
+      ``adapter_model.safetensors``), or with ``merge_lora=True`` the merged plain model.
+    - Any other ``nn.Module``: ``model.safetensors`` only.
+    - The weights come from ``accelerator.get_state_dict``, which gathers FSDP shards and
+      DeepSpeed ZeRO-3 partitions on the main process.
+    - ``tokenizer`` (default: ``trainer.tokenizer`` when it exists) is saved beside them, and
+      ``model_card`` as ``README.md``.
+    """
+    directory = Path(directory)
+    acc = trainer.accelerator
+    state_dict = acc.get_state_dict(trainer.model)  # collective under FSDP / ZeRO-3
+    model = trainer.unwrapped_model
+    tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "tokenizer", None)
+    if acc.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            import copy
+
+            merged = copy.deepcopy(model)
+            merged.load_state_dict(state_dict)
+            merged = merged.merge_and_unload()
+            merged.save_pretrained(directory, safe_serialization=True)
+        elif hasattr(model, "save_pretrained"):
+            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            unique = _dedupe(state_dict)
+            save_file(unique, str(directory / "model.safetensors"), metadata={"format": "pt"})
+            (directory / "acceltrain.json").write_text(json.dumps({"class": type(model).__name__}) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        if model_card is not None:
+            (directory / "README.md").write_text(model_card)
+    acc.wait_for_everyone()
+    return directory
+
+
+def _dedupe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies of tensors, one per shared storage (safetensors refuses aliases)."""
+    seen: dict[tuple[int, int], str] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+class ExportHook(BaseHook):
+    """Save a Hugging Face folder at the end of training (and every ``interval`` steps if set).
+
+    A relative ``path`` is inside the workspace; periodic exports go to ``path/step_{N}``.
+
+    Example:
+        >>> ExportHook(path="final")
+    """
+
+    def __init__(self, path: str | Path = "final", interval: int | None = None, merge_lora: bool = False):
+        self.path = Path(path)
+        self.interval = interval
+        self.merge_lora = merge_lora
+
+    def _root(self, trainer: BaseTrainer) -> Path:
+        return self.path if self.path.is_absolute() or trainer.workspace is None else trainer.workspace / self.path
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        if self.interval and trainer.step % self.interval == 0 and trainer.step != trainer.max_steps:
+            save_pretrained(trainer, self._root(trainer) / f"step_{trainer.step}", merge_lora=self.merge_lora)
+
+    def on_after_train(self, trainer: BaseTrainer) -> None:
+        if trainer.step == trainer.max_steps:
+            save_pretrained(trainer, self._root(trainer), merge_lora=self.merge_lora)
