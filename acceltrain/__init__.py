@@ -5,6 +5,7 @@ The ``mini.trainer`` API: ``from acceltrain import BaseTrainer, ProgressHook, ..
 
 __version__ = "0.1.0"
 
+from .evaluation import EvaluationHook
 from .export import ExportHook, save_pretrained
 from .hooks import (
     EVENTS,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointingHook",
     "CudaMaxMemoryHook",
     "EmaHook",
+    "EvaluationHook",
     "ExportHook",
     "ImageFileLoggerHook",
     "LoggingHook",

@@ -133,6 +133,7 @@ class BaseTrainer:
         self.lr_scheduler: Any = None
         self.grad_scaler: torch.amp.GradScaler | None = None
         self.data_loader: Iterable | None = None
+        self.eval_data_loader: torch.utils.data.DataLoader | None = None
         self.hooks: list[BaseHook] = []
         self.should_stop = False
         self.stop_reason: str | None = None
@@ -167,6 +168,24 @@ class BaseTrainer:
     def build_hooks(self) -> list[BaseHook]:
         """Return the hooks for this run (default: none)."""
         return []
+
+    def build_eval_data_loader(self) -> torch.utils.data.DataLoader | None:
+        """Return a map-style evaluation ``DataLoader`` for :meth:`evaluate`, or None."""
+        return None
+
+    def evaluation_step(self, batch: Any) -> dict[str, Any]:
+        """Metrics of one evaluation batch, each a mean over its samples (default: ``forward``'s
+        loss and records). Runs under ``no_grad``, autocast and ``model.eval()``."""
+        loss, records = self.forward(batch)
+        return {**records, "loss": loss} if loss is not None else dict(records)
+
+    def evaluate(self) -> dict[str, float]:
+        """Sample-weighted means of :meth:`evaluation_step` over the whole evaluation set,
+        exact across ranks (no duplicated tail samples); every rank must call it."""
+        from .evaluation import evaluate
+
+        self._require_built("evaluate()")
+        return evaluate(self)
 
     def forward(self, input: Any) -> tuple[torch.Tensor | None, dict[str, Any]]:
         """Compute ``(loss, records)`` for one micro-batch; ``loss=None`` skips its backward."""
@@ -327,6 +346,16 @@ class BaseTrainer:
             self.lr_scheduler = prepared[2]
         self._data = DataStream(self.build_data_loader(), acc, self.data_seed)
         self.data_loader = self._data.loader
+        eval_loader = self.build_eval_data_loader()
+        if eval_loader is not None:
+            if not isinstance(eval_loader, torch.utils.data.DataLoader) or isinstance(
+                eval_loader.dataset, torch.utils.data.IterableDataset
+            ):
+                raise TypeError("build_eval_data_loader() must return a DataLoader over a map-style dataset")
+            from .evaluation import shard_eval_loader
+
+            eval_loader = shard_eval_loader(eval_loader, acc.num_processes, acc.process_index)
+        self.eval_data_loader = eval_loader
         self.grad_scaler = acc.scaler
 
         # The hot path talks to the plain optimizer and scheduler: AcceleratedOptimizer.step

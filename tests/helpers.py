@@ -54,6 +54,17 @@ class ToyTrainer(BaseTrainer):
         return nn.functional.mse_loss(pred, y), {"mae": (pred - y).abs().mean().item()}
 
 
+class EvalTrainer(ToyTrainer):
+    """ToyTrainer with a 23-sample evaluation set (not a multiple of any batch or world size)."""
+
+    def __init__(self, *, eval_n: int = 23, eval_bs: int = 5, **kw: Any):
+        super().__init__(**kw)
+        self.eval_n, self.eval_bs = eval_n, eval_bs
+
+    def build_eval_data_loader(self):
+        return torch.utils.data.DataLoader(regression_data(self.eval_n, seed=3), batch_size=self.eval_bs)
+
+
 class Recorder(BaseHook):
     """Records every event it sees, in order."""
 

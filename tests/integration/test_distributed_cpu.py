@@ -59,3 +59,17 @@ def test_nan_on_one_rank_every_step_fails_on_both_without_hanging(tmp_path):
     for r in (r0, r1):
         assert r["step"] == 0
         assert r["error"].startswith("step 1: non-finite gradients after 3 attempt(s)")
+
+
+def test_evaluation_on_two_ranks_equals_one_process(tmp_path):
+    """23 evaluation samples, batch 5, 2 ranks: padding is masked, nothing counted twice."""
+    from tests.helpers import EvalTrainer
+
+    torchrun(SCRIPT, "eval", str(tmp_path), "--accum", "1")
+    r0, r1 = _results(tmp_path)
+    assert r0["metrics"] == r1["metrics"]
+    ref = EvalTrainer(max_steps=4, batch_size=8, n=128, device="cpu")
+    ref.train()
+    want = ref.evaluate()
+    assert r0["metrics"]["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert r0["metrics"]["mae"] == pytest.approx(want["mae"], rel=1e-6)

@@ -16,7 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from acceltrain import BaseHook, NonFiniteError  # noqa: E402
-from tests.helpers import ToyTrainer  # noqa: E402
+from tests.helpers import EvalTrainer, ToyTrainer  # noqa: E402
 
 
 class CountAllReduces(BaseHook):
@@ -58,7 +58,7 @@ class NaNOnRank(ToyTrainer):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -69,6 +69,8 @@ def main() -> None:
                   no_sync_accumulate=not args.no_sync_off, hooks=[counter, keep], device="cpu")
     if args.mode == "equiv":
         trainer = ToyTrainer(**common)
+    elif args.mode == "eval":
+        trainer = EvalTrainer(**common)
     elif args.mode == "nan":
         trainer = NaNOnRank(1, {3}, max_non_finite_grad_retries=2, scheduler=True, **common)
     else:
@@ -79,6 +81,7 @@ def main() -> None:
     except NonFiniteError as e:
         error = str(e)
     rank = trainer.accelerator.process_index
+    metrics = trainer.evaluate() if args.mode == "eval" else None
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "rank": rank,
@@ -87,6 +90,7 @@ def main() -> None:
         "allreduces": counter.count,
         "infos": keep.infos,
         "error": error,
+        "metrics": metrics,
         "params": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
