@@ -44,7 +44,10 @@ class ResumableSampler(Sampler[int]):
     Use it as ``DataLoader(dataset, batch_size=..., sampler=ResumableSampler(...))``. Note that
     ``accelerator.prepare(loader)`` shards batches across processes itself: give a prepared
     loader ``num_replicas=1, rank=0`` and count offsets in global samples, or shard here with
-    ``num_replicas=world_size`` and do not let Accelerate prepare the loader.
+    ``num_replicas=world_size`` and do not let Accelerate prepare the loader. ``BaseTrainer``
+    does the latter for you: a plain map-style ``DataLoader`` (``shuffle=True`` or not) returned
+    by ``build_data_loader`` is rebuilt around this sampler (see ``acceltrain/data_stream.py``),
+    so trainer users pass no sampler at all.
 
     Args:
         dataset_len: Number of samples in the dataset.
