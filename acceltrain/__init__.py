@@ -16,6 +16,7 @@ from .hooks import (
     ImageFileLoggerHook,
     LoggingHook,
     ProgressHook,
+    ThroughputHook,
     WandbHook,
 )
 from .trainer import BaseTrainer, NonFiniteError
@@ -34,6 +35,7 @@ __all__ = [
     "LoggingHook",
     "NonFiniteError",
     "ProgressHook",
+    "ThroughputHook",
     "WandbHook",
     "__version__",
     "count_parameters",

@@ -7,6 +7,7 @@ from .images import ImageFileLoggerHook
 from .logging import LoggingHook
 from .memory import CudaMaxMemoryHook
 from .progress import ProgressHook
+from .throughput import ThroughputHook
 from .wandb import WandbHook
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "ImageFileLoggerHook",
     "LoggingHook",
     "ProgressHook",
+    "ThroughputHook",
     "WandbHook",
 ]

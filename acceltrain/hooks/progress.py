@@ -22,6 +22,10 @@ _SHOWN_FIRST = ("loss", "grad_norm")
 def _fmt(key: str, value: float) -> str:
     if key.startswith("lr"):
         return f"{key} {value:.2e}"
+    if key.endswith("_per_s"):
+        return f"{key.replace('_per_s', '/s')} {value:,.0f}"
+    if key == "mfu":
+        return f"mfu {100 * value:.1f}%"
     if abs(value) >= 1e5 or (value != 0 and abs(value) < 1e-3):
         return f"{key} {value:.3e}"
     return f"{key} {value:.4f}"
@@ -118,7 +122,8 @@ class ProgressHook(BaseHook):
         if eta is not None:
             parts.append(f"eta {eta}")
         ordered = [k for k in _SHOWN_FIRST if k in means] + [k for k in keys if k in means and k not in _SHOWN_FIRST]
-        parts += [_fmt(k, means[k]) for k in ordered if k != "max_memory"]
+        # Only the first param group's LR: groups usually differ in weight decay, not LR.
+        parts += [_fmt(k, means[k]) for k in ordered if k != "max_memory" and not k.startswith("lr_")]
         memory = means.get("max_memory", peak_memory_gib(trainer.device))
         parts.append(f"mem {memory:.2f}GiB")
         if self._pbar is not None:

@@ -1,0 +1,288 @@
+"""Pretrain a Transformer language model from scratch.
+
+    accelerate launch recipes/pretrain.py                       # the Python stdlib, tiny model, CPU-sized
+    accelerate launch recipes/pretrain.py --config recipes/configs/pretrain_124m.yaml --dataset data/
+    python recipes/pretrain.py --help                           # every field, with its default
+
+Reads text (a local file or folder, a Hub dataset, or by default the standard library of the
+Python running it), trains a byte-level BPE tokenizer (cached), packs the tokens into a memmap
+(cached), trains a Llama- or GPT-2-style model with warmup + cosine AdamW, evaluates loss and
+perplexity on a held-out split, and writes a Hugging Face folder to ``output_dir/final``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from acceltrain import (
+    BaseTrainer,
+    CheckpointingHook,
+    EvaluationHook,
+    LoggingHook,
+    ProgressHook,
+    ThroughputHook,
+    count_parameters,
+    format_params,
+    seed_everything,
+)
+from acceltrain.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from acceltrain.data import (
+    load_texts,
+    load_tokenizer,
+    pack_texts,
+    texts_fingerprint,
+    train_bpe_tokenizer,
+    train_val_split,
+)
+from acceltrain.models import PRESETS, build_model, device_peak_flops, flops_per_token, preset
+from acceltrain.recipe_kit import (
+    adamw_with_decay_groups,
+    cache_root,
+    choose_precision,
+    guard_output_dir,
+    model_card,
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Pretrain a Transformer language model from scratch."""
+
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "Run folder: checkpoints, logs, final/"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "Hub dataset name, or a local .txt/.jsonl/.csv/.parquet file or folder; "
+                "unset: the standard library of this Python (offline)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/csv/parquet/Hub)"})
+    max_corpus_bytes: int = field(default=3_000_000, metadata={"help": "Read at most this much text (0: all)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "An existing tokenizer (name or folder); unset: train a BPE"})
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained BPE tokenizer"})
+    cache_dir: str | None = field(default=None, metadata={"help": "Tokenizer/packing cache (default ~/.cache/acceltrain)"})
+    model_size: str = field(default="tiny", metadata={"help": f"Preset: one of {', '.join(PRESETS)}"})
+    arch: Literal["llama", "gpt2"] = field(default="llama", metadata={"help": "llama (RoPE, RMSNorm, SwiGLU) or gpt2"})
+    d_model: int | None = field(default=None, metadata={"help": "Override the preset's width"})
+    n_heads: int | None = field(default=None, metadata={"help": "Override the preset's attention heads"})
+    n_layers: int | None = field(default=None, metadata={"help": "Override the preset's depth"})
+    d_ff: int | None = field(default=None, metadata={"help": "Override the preset's MLP width"})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout (gpt2: residual/embedding; llama: attention)"})
+    seq_len: int = field(default=128, metadata={"help": "Training window in tokens"})
+    batch_size: int = field(default=16, metadata={"help": "Windows per micro-batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak (cosine floor)"})
+    warmup_steps: int = field(default=30, metadata={"help": "Linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip"})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
+        "help": "auto: bf16 on GPUs that support it, fp32 on CPU"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
+    eval_interval: int = field(default=100, metadata={"help": "Steps between evaluations (and at the end)"})
+    log_interval: int = field(default=10, metadata={"help": "Steps between progress lines and log records"})
+    save_interval: int = field(default=100, metadata={"help": "Steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints to keep"})
+    val_fraction: float = field(default=0.02, metadata={"help": "Share of the token stream held out (its end)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    seed: int = field(default=0, metadata={"help": "Seed for weights, data order and dropout"})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
+    sample_prompt: str = field(default="def ", metadata={"help": "Prompt for the sample printed at the end"})
+    sample_tokens: int = field(default=64, metadata={"help": "Tokens to generate for the sample (0: none)"})
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps",
+                    "eval_interval", "log_interval", "save_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.model_size not in PRESETS:
+            raise ConfigError(f"model_size {self.model_size!r} is not a preset; choose one of {', '.join(PRESETS)}")
+
+
+class PretrainTrainer(BaseTrainer):
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        super().__init__(
+            max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, max_non_finite_grad_retries=3,
+            mixed_precision=choose_precision(cfg.mixed_precision),
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, workspace=cfg.output_dir,
+            data_seed=cfg.seed,
+        )
+        acc = self.accelerator
+        self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
+                                       is_main=acc.is_main_process)
+        seed_everything(cfg.seed)
+        # Tokenizer training and packing happen once, on the main process; the others then
+        # find them in the cache.
+        with acc.main_process_first():
+            self.tokenizer, self.train_set, self.val_set, self.corpus = self._prepare_data()
+        try:
+            self.model_cfg = preset(cfg.model_size, arch=cfg.arch, vocab_size=len(self.tokenizer),
+                                    max_seq_len=max(cfg.seq_len, PRESETS[cfg.model_size].max_seq_len),
+                                    dropout=cfg.dropout if cfg.arch == "gpt2" else 0.0,
+                                    attention_dropout=cfg.dropout if cfg.arch == "llama" else 0.0,
+                                    gradient_checkpointing=cfg.gradient_checkpointing,
+                                    **{k: v for k in ("d_model", "n_heads", "n_layers", "d_ff")
+                                       if (v := getattr(cfg, k)) is not None})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _prepare_data(self):
+        cfg = self.cfg
+        cache = cache_root(cfg.cache_dir)
+        texts = load_texts(cfg.dataset or "python-stdlib", text_column=cfg.text_column,
+                           config_name=cfg.dataset_config, max_bytes=cfg.max_corpus_bytes or None,
+                           cache_dir=cache / "datasets")
+        fingerprint = texts_fingerprint(texts)
+        if cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg.tokenizer)
+        else:
+            tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size, cache / "tokenizers" / f"{fingerprint[:16]}-{cfg.vocab_size}",
+                                            fingerprint=fingerprint, model_max_length=cfg.seq_len)
+        corpus = pack_texts(texts, tokenizer, cache / "packed", fingerprint=fingerprint)
+        train, val = train_val_split(corpus, cfg.seq_len, val_fraction=cfg.val_fraction)
+        return tokenizer, train, val, corpus
+
+    def build_data_loader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
+                                           drop_last=True, num_workers=self.cfg.num_workers)
+
+    def build_eval_data_loader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg.batch_size)
+
+    def build_model(self):
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(self.model_cfg, eos_token_id=self.tokenizer.eos_token_id,
+                            bos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        self.n_params = count_parameters(model)
+        self.flops_per_token = flops_per_token(model, self.model_cfg.n_layers, self.model_cfg.d_model, self.cfg.seq_len)
+        model = model.to(self.device)
+        return torch.compile(model) if self.cfg.compile else model
+
+    def build_optimizer(self):
+        return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def build_lr_scheduler(self):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps,
+            min_lr_rate=self.cfg.min_lr_ratio)
+
+    def build_hooks(self):
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * self.accelerator.num_processes
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
+        self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
+        return [
+            ThroughputHook(tokens_per_step, self.flops_per_token, device_peak_flops(self.device, dtype)),
+            ProgressHook(interval=cfg.log_interval),
+            LoggingHook(interval=cfg.log_interval),
+            self.eval_hook,
+            CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
+                              load="latest" if self.resume else None, requeue=True),
+        ]
+
+    def forward(self, input):
+        out = self.model(input_ids=input["input_ids"], labels=input["labels"])
+        return out.loss, {}
+
+    def evaluation_step(self, batch):
+        loss, _ = self.forward(batch)
+        return {"loss": loss}
+
+    def finish(self) -> Path:
+        """Export ``output_dir/final`` with a model card, then print a sample from it."""
+        cfg, final = self.cfg, self.workspace / "final"
+        metrics = self.eval_hook.last or self.evaluate()
+        facts = {
+            "architecture": f"{self.model_cfg.arch}: {self.model_cfg.n_layers} layers, d_model {self.model_cfg.d_model}, "
+                            f"{self.model_cfg.n_heads} heads, d_ff {self.model_cfg.ffn_dim}",
+            "parameters": f"{format_params(self.n_params)} ({self.n_params:,})",
+            "data": f"{cfg.dataset or 'Python standard library source'}: {self.corpus.num_tokens:,} tokens, "
+                    f"{self.corpus.num_documents:,} documents",
+            "tokenizer": f"{'byte-level BPE, ' + str(len(self.tokenizer)) + ' tokens' if not cfg.tokenizer else cfg.tokenizer}",
+            "training": f"{self.step} steps x {cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes}"
+                        f" windows of {cfg.seq_len} tokens, AdamW lr {cfg.lr} warmup+cosine",
+            "final validation loss": f"{metrics['loss']:.4f}",
+            "final validation perplexity": f"{math.exp(metrics['loss']):.2f}",
+        }
+        card = model_card(title=f"acceltrain pretrain: {cfg.model_size} {cfg.arch}",
+                          summary="A causal language model trained from scratch with `recipes/pretrain.py`.",
+                          facts=facts, usage=f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{final}")
+model = AutoModelForCausalLM.from_pretrained("{final}")
+ids = tok({cfg.sample_prompt!r}, return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40)[0]))""")
+        self.save_pretrained(final, tokenizer=self.tokenizer, model_card=card)
+        if self.is_main_process:
+            _write_generation_config(final, self.tokenizer)
+            print(f"Saved {final} (validation loss {metrics['loss']:.4f}, perplexity {math.exp(metrics['loss']):.2f})")
+            if cfg.sample_tokens:
+                print("Sample:", _sample(final, cfg.sample_prompt, cfg.sample_tokens, cfg.seed))
+        return final
+
+
+def build_model_meta(trainer: PretrainTrainer) -> torch.nn.Module:
+    """The model on the meta device: its size without allocating it."""
+    with torch.device("meta"):
+        return build_model(trainer.model_cfg)
+
+
+def _write_generation_config(folder: Path, tokenizer) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(do_sample=True, temperature=0.8, top_k=40, max_new_tokens=128,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+
+
+def _sample(folder: Path, prompt: str, tokens: int, seed: int) -> str:
+    """Generate from the exported folder itself: it proves the export loads and works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    torch.manual_seed(seed)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    config = model.generation_config
+    config.max_new_tokens = tokens
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=config)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    cfg = parse_config(PretrainConfig, argv, prog="recipes/pretrain.py")
+    cfg.validate()
+    trainer = PretrainTrainer(cfg)
+    if trainer.is_main_process:
+        cached = lambda hit: " (cached)" if hit else ""  # noqa: E731
+        print(f"pretrain: {cfg.model_size} {cfg.arch}, {format_params(count_parameters(build_model_meta(trainer)))} "
+              f"parameters; tokenizer {len(trainer.tokenizer)} tokens"
+              f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
+              f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
+              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out")
+        trainer.workspace.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (trainer.workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    trainer.train()
+    return trainer.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

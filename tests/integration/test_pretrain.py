@@ -1,0 +1,167 @@
+"""recipes/pretrain.py end to end on tiny settings: golden losses, HF loading, caches, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, torchrun
+
+RECIPE = ROOT / "recipes" / "pretrain.py"
+GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_losses.json"
+TINY = ["--d_model", "32", "--n_heads", "2", "--n_layers", "2", "--d_ff", "64", "--seq_len", "32",
+        "--batch_size", "4", "--vocab_size", "300", "--log_interval", "1", "--eval_interval", "5",
+        "--save_interval", "5", "--sample_tokens", "8", "--warmup_steps", "2"]
+
+
+def make_corpus(path: Path, docs: int = 200, seed: int = 0) -> Path:
+    """A small learnable corpus written by the test (no dependence on this Python's stdlib)."""
+    rng = random.Random(seed)
+    subjects = ["the trainer", "a model", "the optimizer", "each rank", "the sampler", "a checkpoint"]
+    verbs = ["saves", "loads", "skips", "reduces", "steps", "resumes"]
+    objects = ["the state", "a batch", "its gradients", "the manifest", "every shard", "the loss"]
+    lines = []
+    for _ in range(docs):
+        sentences = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(rng.randint(3, 8))]
+        lines.append(json.dumps({"text": " ".join(sentences)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(*args: str, cache: Path, expect: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELTRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("run")
+    cache = tmp_path_factory.mktemp("cache")
+    proc = run("--output_dir", str(out / "run"), "--dataset", str(corpus), "--max_steps", "10", *TINY, cache=cache)
+    return out / "run", cache, proc
+
+
+def test_first_ten_losses_match_the_golden_file(tiny_run):
+    out, _, _ = tiny_run
+    got = losses(out)
+    assert len(got) == 10
+    if os.environ.get("ACCELTRAIN_WRITE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert got[-1] < got[0] - 0.3
+
+
+def test_export_loads_and_generates_without_acceltrain(tiny_run):
+    out, _, proc = tiny_run
+    final = out / "final"
+    assert "Saved" in proc.stdout and "Sample:" in proc.stdout
+    card = (final / "README.md").read_text()
+    assert "final validation perplexity" in card and "parameters" in card
+    code = f"""
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(r'{final}')
+model = AutoModelForCausalLM.from_pretrained(r'{final}')
+ids = tok('the trainer', return_tensors='pt').input_ids
+out = model.generate(ids, max_new_tokens=12, do_sample=False)
+text = tok.decode(out[0], skip_special_tokens=True)
+assert 'acceltrain' not in sys.modules and text.startswith('the trainer') and len(out[0]) > len(ids[0])
+print(type(model).__name__, repr(text))
+"""
+    check = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.startswith("LlamaForCausalLM")
+
+
+def test_second_run_hits_the_tokenizer_and_packing_caches(tiny_run, corpus, tmp_path):
+    _, cache, first = tiny_run
+    assert "(cached)" not in first.stdout
+    second = run("--output_dir", str(tmp_path / "again"), "--dataset", str(corpus), "--max_steps", "1", *TINY, cache=cache)
+    assert "300 tokens (cached)" in second.stdout and "tokens packed (cached)" in second.stdout
+
+
+def test_default_corpus_gpt2_arch_loss_falls(tmp_path):
+    """No --dataset: the standard library of this Python, read at run time."""
+    out = tmp_path / "stdlib"
+    run("--output_dir", str(out), "--arch", "gpt2", "--max_corpus_bytes", "300000", "--max_steps", "25",
+        *TINY, cache=tmp_path / "cache")
+    got = losses(out)
+    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.5
+    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+@pytest.mark.multiproc
+def test_two_processes(tmp_path, corpus):
+    out = tmp_path / "ddp"
+    env = {"ACCELTRAIN_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    torchrun(RECIPE, "--output_dir", str(out), "--dataset", str(corpus), "--max_steps", "8", *TINY, env=env)
+    got = losses(out)
+    assert len(got) == 8 and got[-1] < got[0]
+    assert (out / "final" / "model.safetensors").is_file()
+    manifest = json.loads((out / "checkpoints" / "checkpoint_step_8" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and {"rng_state_0.pt", "rng_state_1.pt"} <= set(manifest["files"])
+
+
+def test_resume_after_the_run_continues(tiny_run, corpus, tmp_path):
+    import shutil
+
+    out, cache, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    proc = run("--output_dir", str(copy), "--dataset", str(corpus), "--max_steps", "12", "--resume", "true", *TINY,
+               cache=cache)
+    assert "resumed from" in proc.stderr and "checkpoint_step_10" in proc.stderr
+    assert len(losses(copy)) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "/nonexistent/data.txt"], "/nonexistent/data.txt"),
+        (["--model_size", "7b"], "model_size '7b' is not a preset"),
+        (["--n_heads", "3"], "d_model"),
+        (["--max_steps", "0"], "max_steps must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    proc = run("--output_dir", str(tmp_path / "o"), "--max_corpus_bytes", "100000", *TINY, *args,
+               cache=tmp_path / "cache", expect=2)
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], proc.stderr[-2000:]
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = run("--output_dir", str(tmp_path / "o"), "--dataset", str(empty), *TINY, cache=tmp_path / "c", expect=2)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "empty" in proc.stderr
+
+
+def test_output_dir_of_another_run_is_not_touched(tiny_run, corpus):
+    out, cache, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    proc = run("--output_dir", str(out), "--dataset", str(corpus), "--max_steps", "3", *TINY, cache=cache, expect=2)
+    assert "holds checkpoints of an earlier run" in proc.stderr and "--resume" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
