@@ -165,3 +165,18 @@ def test_output_dir_of_another_run_is_not_touched(tiny_run, corpus):
     proc = run("--output_dir", str(out), "--dataset", str(corpus), "--max_steps", "3", *TINY, cache=cache, expect=2)
     assert "holds checkpoints of an earlier run" in proc.stderr and "--resume" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("pretrain_*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_parse(config):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    from acceltrain.config import parse_config
+
+    cfg = parse_config(module.PretrainConfig, ["--config", str(config)])
+    cfg.validate()
+    assert cfg.model_size in config.stem
