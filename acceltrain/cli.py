@@ -6,9 +6,13 @@ import argparse
 import importlib.metadata
 import os
 import platform
+import runpy
 import sys
+from pathlib import Path
+from typing import Any
 
 from . import __version__
+from .config import UserError, exit_on_user_error, load_yaml
 
 _PACKAGES = ("torch", "accelerate", "transformers", "peft", "datasets", "tokenizers", "safetensors", "deepspeed")
 
@@ -51,20 +55,135 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
+def recipes_dir() -> Path:
+    """The recipes/ folder of this checkout (or ``$ACCELTRAIN_RECIPES``)."""
+    path = Path(os.environ.get("ACCELTRAIN_RECIPES") or Path(__file__).resolve().parents[1] / "recipes")
+    if not path.is_dir():
+        raise UserError(f"{path}: no recipes folder; run from a source checkout or set ACCELTRAIN_RECIPES")
+    return path
+
+
+def run_train(config: str | None, overrides: list[str]) -> int:
+    """`acceltrain train --config FILE.yaml [--field value ...]`: run the recipe the file names."""
+    recipe = "pretrain"
+    if config:
+        recipe = str(load_yaml(config).get("recipe", recipe))
+    script = recipes_dir() / f"{recipe}.py"
+    if not script.is_file():
+        known = sorted(p.stem for p in recipes_dir().glob("*.py") if not p.stem.startswith("_"))
+        raise UserError(f"{config}: recipe {recipe!r} does not exist; known recipes: {', '.join(known)}")
+    argv = (["--config", config] if config else []) + overrides
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _load_causal_lm(folder: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {folder}: not a Hugging Face model folder (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {folder}: cannot load a causal LM and tokenizer ({str(e).splitlines()[0]})") from None
+    return model.eval(), tok
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Sample from a model folder through transformers' generate (KV cache on)."""
+    import torch
+
+    model, tok = _load_causal_lm(args.model, args.trust_remote_code)
+    torch.manual_seed(args.seed)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    sample = args.temperature > 0 and args.num_beams == 1
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature if sample else None,
+            top_k=args.top_k if sample else None, top_p=args.top_p if sample else None,
+            repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, use_cache=True,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        )
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Perplexity of a model folder on text: packed windows, mean next-token loss, exp of it."""
+    import json
+    import math
+
+    import torch
+
+    from .data import load_texts, pack_texts, texts_fingerprint, train_val_split
+    from .recipe_kit import cache_root
+
+    model, tok = _load_causal_lm(args.model, args.trust_remote_code)
+    texts = load_texts(args.dataset, text_column=args.text_column, max_bytes=args.max_bytes or None)
+    corpus = pack_texts(texts, tok, cache_root() / "packed", fingerprint=texts_fingerprint(texts))
+    _, windows = train_val_split(corpus, args.seq_len, val_fraction=1.0 - 1e-9)
+    loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            total += loss.item() * len(batch["input_ids"])
+            count += len(batch["input_ids"])
+    loss = total / count
+    print(json.dumps({"model": args.model, "windows": count, "seq_len": args.seq_len, "loss": round(loss, 6),
+                      "perplexity": round(math.exp(loss), 4)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acceltrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="acceltrain", description="Training toolkit on Hugging Face Accelerate.")
     parser.add_argument("--version", action="version", version=f"acceltrain {__version__}")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("env", help="versions, devices and Accelerate's view of the launch environment")
+    train = sub.add_parser("train", help="run the recipe a YAML config names (no config: the pretraining demo)")
+    train.add_argument("--config", help="a recipe YAML with a `recipe:` key (pretrain, causal_lm, classify)")
+    gen = sub.add_parser("generate", help="sample text from a model folder")
+    gen.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. runs/pretrain/final)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top_k", type=int, default=40)
+    gen.add_argument("--top_p", type=float, default=1.0)
+    gen.add_argument("--repetition_penalty", type=float, default=1.0)
+    gen.add_argument("--num_beams", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("evaluate", help="perplexity of a model folder on text")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--dataset", required=True, help="a local .txt/.jsonl/.csv/.parquet file or folder, or a Hub name")
+    ev.add_argument("--text_column", default="text")
+    ev.add_argument("--seq_len", type=int, default=256)
+    ev.add_argument("--batch_size", type=int, default=8)
+    ev.add_argument("--max_bytes", type=int, default=0, help="read at most this much text (0: all)")
+    for p in (gen, ev):
+        p.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the model (off by default)")
     return parser
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "env":
         print(env_report())
         return 0
+    if args.command == "train":
+        return run_train(args.config, rest)
+    if args.command == "generate":
+        return run_generate(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
     parser.print_help()
     return 2
 
