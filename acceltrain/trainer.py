@@ -191,6 +191,18 @@ class BaseTrainer:
         """Compute ``(loss, records)`` for one micro-batch; ``loss=None`` skips its backward."""
         raise NotImplementedError("implement forward(input) in your BaseTrainer subclass")
 
+    def count_loss_items(self, batch: Any) -> int | torch.Tensor | None:
+        """Override to normalise the loss by items (e.g. tokens with a label) instead of batches.
+
+        Return how many loss items ``batch`` holds and have ``forward`` return the *sum* of its
+        per-item losses. The trainer then divides by the number of items in the whole
+        accumulation window on all ranks (``self.loss_items``, known before the first forward
+        of the step; one extra all-reduce per step), so k micro-batches of a padded batch give
+        exactly the gradient of the unaccumulated token mean. The default (not overridden):
+        ``forward`` returns a mean and every micro-batch weighs the same.
+        """
+        return None
+
     # ------------------------------------------------------------------ public API
     def train(self) -> None:
         """Build, prepare, then run steps until ``max_steps`` or a stop request."""
@@ -371,6 +383,8 @@ class BaseTrainer:
         self._sync_needed = acc.num_processes > 1
         self._use_no_sync = self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
         self._autocast = acc.autocast if self.mixed_precision is not None else contextlib.nullcontext
+        self._items_mode = type(self).count_loss_items is not BaseTrainer.count_loss_items
+        self.loss_items: torch.Tensor | None = None
 
         self.hooks = list(self.build_hooks() or [])
         for hook in self.hooks:
@@ -425,22 +439,33 @@ class BaseTrainer:
     def _micro_steps(self) -> tuple[torch.Tensor | None, int, list[dict], list[int], float]:
         """Run one accumulation window: forward and backward over its micro-batches."""
         k = self.gradient_accumulation_steps
-        scale = 1.0 / k
+        t0 = time.perf_counter()
+        batches = []
+        for _ in range(k):
+            batch = self._data.next()
+            if batch is EXHAUSTED:
+                break
+            batches.append(batch)
+        data_time = time.perf_counter() - t0
+        positions = list(range(self._data.batches_drawn - len(batches), self._data.batches_drawn))
+        if self._items_mode and batches:
+            # Normalise by the items (e.g. valid tokens) of the whole window on all ranks, not by
+            # micro-batch count: forward returns sums; W undoes DDP's gradient averaging.
+            items = sum(torch.as_tensor(self.count_loss_items(b), dtype=torch.float32, device=self.device)
+                        for b in batches)
+            if self._sync_needed:
+                torch.distributed.all_reduce(items)
+            self.loss_items = items
+            scale = self.accelerator.num_processes / items.clamp(min=1)
+        else:
+            scale = 1.0 / k
         loss_sum: torch.Tensor | None = None
         contributed = 0
         records: list[dict] = []
-        positions: list[int] = []
-        data_time = 0.0
-        for micro in range(k):
-            t0 = time.perf_counter()
-            batch = self._data.next()
-            data_time += time.perf_counter() - t0
-            if batch is EXHAUSTED:
-                break
-            positions.append(self._data.batches_drawn - 1)
+        for micro, batch in enumerate(batches):
             sync_ctx = (
                 self.accelerator.no_sync(self.model)
-                if self._use_no_sync and micro < k - 1
+                if self._use_no_sync and micro < len(batches) - 1
                 else contextlib.nullcontext()
             )
             with sync_ctx:
@@ -452,7 +477,7 @@ class BaseTrainer:
                     continue
                 self._backward(loss * scale)
             contributed += 1
-            detached = loss.detach()
+            detached = loss.detach() * scale if self._items_mode else loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
         return loss_sum, contributed, records, positions, data_time
 
@@ -553,7 +578,7 @@ class BaseTrainer:
             if self._data.exhausted:
                 self.request_stop("data exhausted")
                 return
-        if total != expected:
+        if total != expected and not self._items_mode:
             # Some micro-batches gave no loss (or the data ran out mid-window): each
             # contributing micro-batch weighs 1/total, not 1/k, so nothing is under-scaled.
             # Clipping already used the smaller norm; clipping again after the rescale gives
@@ -572,7 +597,7 @@ class BaseTrainer:
         if self._data.exhausted:
             self.request_stop("data exhausted")
         info = self.step_info
-        info["loss"] = loss_sum / contributed
+        info["loss"] = loss_sum if self._items_mode else loss_sum / contributed
         info["grad_norm"] = grad_norm
         info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
         info["records"] = records[0] if len(records) == 1 else key_average(records)

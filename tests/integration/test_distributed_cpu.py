@@ -73,3 +73,16 @@ def test_evaluation_on_two_ranks_equals_one_process(tmp_path):
     want = ref.evaluate()
     assert r0["metrics"]["loss"] == pytest.approx(want["loss"], rel=1e-6)
     assert r0["metrics"]["mae"] == pytest.approx(want["mae"], rel=1e-6)
+
+
+def test_token_normalisation_spans_ranks_and_the_window(tmp_path):
+    """2 ranks x accumulation 2 x batch 2 of padded sequences == one process, batch 8, token mean."""
+    from tests.unit.test_trainer import TokenTrainer
+
+    torchrun(SCRIPT, "items", str(tmp_path), "--accum", "2")
+    r0, r1 = _results(tmp_path)
+    assert r0["params"] == r1["params"]
+    ref = TokenTrainer(max_steps=4, gradient_accumulation_steps=1, batch_size=8, device="cpu")
+    ref.train()
+    for got, want in zip(r0["params"], ref.model.parameters(), strict=True):
+        torch.testing.assert_close(torch.tensor(got), want.detach().flatten(), atol=1e-6, rtol=0)

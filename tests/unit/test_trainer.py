@@ -317,3 +317,52 @@ def test_state_dict_round_trip_continues_identically():
     for pa, pb in zip(params(full.model), params(second.model), strict=True):
         assert torch.equal(pa, pb)
     assert math.isclose(second.lr_scheduler.get_last_lr()[0], full.lr_scheduler.get_last_lr()[0])
+
+
+# ----------------------------------------------------------------------------- token-normalised loss
+class TokenTrainer(ToyTrainer):
+    """Per-token regression with padding (label mask 0): micro-batches hold different token counts."""
+
+    def build_data_loader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 6, 8, generator=g)
+        y = torch.randn(32, 6, 1, generator=g)
+        lengths = torch.randint(1, 7, (32,), generator=g)
+        mask = (torch.arange(6)[None, :] < lengths[:, None]).float().unsqueeze(-1)  # (B, T, 1)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, mask), batch_size=self.batch_size)
+
+    def count_loss_items(self, batch):
+        return batch[2].sum()
+
+    def forward(self, input):
+        x, y, mask = input
+        return (((self.model(x) - y) ** 2) * mask).sum(), {}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_token_normalised_accumulation_equals_the_unaccumulated_token_mean(k):
+    a = TokenTrainer(max_steps=4, gradient_accumulation_steps=k, batch_size=2, device="cpu")
+    a.train()
+    b = TokenTrainer(max_steps=4, gradient_accumulation_steps=1, batch_size=2 * k, device="cpu")
+    b.train()
+    for pa, pb in zip(params(a.model), params(b.model), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
+    # The reported loss is the window's token mean too.
+    torch.testing.assert_close(a.step_info["loss"], b.step_info["loss"], atol=1e-6, rtol=1e-6)
+
+
+def test_mean_of_micro_batch_means_differs_for_padded_batches():
+    """The bug class of transformers#34191: averaging micro-batch means is not the token mean."""
+
+    class MeanOfMeans(TokenTrainer):
+        count_loss_items = BaseTrainer.count_loss_items
+
+        def forward(self, input):
+            x, y, mask = input
+            return (((self.model(x) - y) ** 2) * mask).sum() / mask.sum(), {}
+
+    a = MeanOfMeans(max_steps=4, gradient_accumulation_steps=4, batch_size=2, device="cpu")
+    a.train()
+    b = TokenTrainer(max_steps=4, gradient_accumulation_steps=1, batch_size=8, device="cpu")
+    b.train()
+    assert not torch.allclose(params(a.model)[0], params(b.model)[0], atol=1e-6)

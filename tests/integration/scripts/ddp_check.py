@@ -58,7 +58,7 @@ class NaNOnRank(ToyTrainer):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -69,6 +69,10 @@ def main() -> None:
                   no_sync_accumulate=not args.no_sync_off, hooks=[counter, keep], device="cpu")
     if args.mode == "equiv":
         trainer = ToyTrainer(**common)
+    elif args.mode == "items":
+        from tests.unit.test_trainer import TokenTrainer
+
+        trainer = TokenTrainer(**{**common, "batch_size": 2})
     elif args.mode == "eval":
         trainer = EvalTrainer(**common)
     elif args.mode == "nan":
