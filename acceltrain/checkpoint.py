@@ -8,6 +8,13 @@ A checkpoint is a folder ``checkpoint_step_{N}``::
     rng_state_{rank}.pt     per-rank Python / NumPy / torch / CUDA generator states
     manifest.json           written last: step, world size, every file with its size and CRC32
 
+Under FSDP2 the parameters are sharded DTensors: each rank writes its own
+``model_shard_{rank}.safetensors`` and ``optimizer_shard_{rank}.pt`` (local shards as plain
+tensors) and loading rebuilds the DTensors on the live mesh. That is torch.distributed.checkpoint's
+layout idea without its pickled ``.metadata`` file, which the safe-loading rule forbids; the
+price is that a sharded checkpoint resumes only on the same number of processes (refused
+otherwise). ``save_pretrained`` consolidates to one safetensors file for export.
+
 Every rank writes into ``.tmp_checkpoint_step_{N}``; after a barrier the main rank checks the
 files, writes the manifest, renames the folder and points ``checkpoint_latest`` at it. A
 folder without a valid manifest is torn and never loaded.
@@ -27,8 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.tensor import DTensor
 
 from .config import UserError
+from .utils import map_nested_tensor
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
@@ -201,7 +211,7 @@ def point_link(root: Path, name: str, target: Path) -> None:
 
 def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | None = None) -> Path:
     """Save the trainer's full state as ``root/checkpoint_step_{step}``; every rank must call it."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     acc = trainer.accelerator
     root = Path(root)
@@ -214,19 +224,27 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     acc.wait_for_everyone()
 
     state = trainer.state_dict()
-    if acc.is_main_process:
+    rank = acc.process_index
+    sharded = any(isinstance(v, DTensor) for v in state["model"].values())
+    if sharded:
+        # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
+        # weights_only pickle); loading rebuilds the DTensors on the same mesh.
+        save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / f"model_shard_{rank}.safetensors"))
+        torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / f"optimizer_shard_{rank}.pt")
+    elif acc.is_main_process:
         save_model(trainer.unwrapped_model, str(tmp / "model.safetensors"))
         torch.save(state["optimizer"], tmp / "optimizer.pt")
+    if acc.is_main_process:
         rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
         torch.save(rest, tmp / "trainer_state.pt")
-    torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
     acc.wait_for_everyone()
 
     if acc.is_main_process:
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _write_manifest(tmp, trainer.step, acc.num_processes, extra or {})
+        _write_manifest(tmp, trainer.step, acc.num_processes, {"sharded": sharded, **(extra or {})})
         if final.exists():  # a save of the same step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -243,14 +261,46 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a torn or foreign file names itself
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local().contiguous() if isinstance(t, DTensor) else t
+
+
+def _reshard(trainer: BaseTrainer, model_local: dict[str, torch.Tensor],
+             optim_local: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This rank's saved shards as DTensors laid out like the live (FSDP2) parameters."""
+    template, _ = get_state_dict(trainer.model, trainer._inner_optimizer, options=trainer.state_dict_options)
+
+    def like(local: torch.Tensor, ref: Any) -> torch.Tensor:
+        if not isinstance(ref, DTensor) or local.dim() == 0:  # e.g. AdamW's scalar step
+            return local
+        return DTensor.from_local(local.to(ref.device), ref.device_mesh, ref.placements,
+                                  shape=ref.shape, stride=ref.stride())
+
+    missing = sorted(set(template) - set(model_local))
+    if missing:
+        raise CheckpointError(f"the checkpoint's model shards lack {missing[:3]}: a different model?")
+    model_sd = {k: like(model_local[k], template[k]) for k in template}
+    optim_sd = dict(optim_local)
+    optim_sd["state"] = {fqn: {key: like(v, template.get(fqn)) if isinstance(v, torch.Tensor) else v
+                               for key, v in st.items()} for fqn, st in optim_local.get("state", {}).items()}
+    return model_sd, optim_sd
+
+
 def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, strict: bool = True) -> dict[str, Any]:
     """Restore ``folder`` into a built trainer; returns its manifest.
 
     ``strict=False`` turns a failed resume self-check (the next batch is not the saved one)
     into a warning.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     manifest = verify_checkpoint(folder) if verify else json.loads((folder / MANIFEST).read_text())
     acc = trainer.accelerator
@@ -260,12 +310,15 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
             "resume with the same number of processes"
         )
     state = _load(folder / "trainer_state.pt")
-    try:
-        state["model"] = load_file(str(folder / "model.safetensors"))
-    except Exception as e:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: {e}") from None
-    state["optimizer"] = _load(folder / "optimizer.pt")
-    _restore_tied(trainer.unwrapped_model, state["model"])
+    if manifest.get("sharded"):
+        rank = acc.process_index
+        state["model"], state["optimizer"] = _reshard(
+            trainer, _load_safetensors(folder / f"model_shard_{rank}.safetensors"),
+            _load(folder / f"optimizer_shard_{rank}.pt"))
+    else:
+        state["model"] = _load_safetensors(folder / "model.safetensors")
+        state["optimizer"] = _load(folder / "optimizer.pt")
+        _restore_tied(trainer.unwrapped_model, state["model"])
     trainer.load_state_dict(state, strict_data=strict)
     rng_file = folder / f"rng_state_{acc.process_index}.pt"
     if rng_file.is_file():

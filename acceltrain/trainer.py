@@ -222,6 +222,18 @@ class BaseTrainer:
         if self.exit_code is not None:
             raise SystemExit(self.exit_code)
 
+    def close(self) -> None:
+        """End a run cleanly: wait for every rank, close trackers, tear down the process group.
+
+        Call it last in multi-process scripts (recipes do, in ``finally``): gloo aborts the
+        interpreter at exit when a process group is torn down while other ranks still talk.
+        """
+        acc = self.accelerator
+        if acc.num_processes > 1 and torch.distributed.is_initialized():
+            acc.wait_for_everyone()
+        acc.end_training()
+        _destroy_process_group()
+
     def state_dict(self) -> dict[str, Any]:
         """The full training state: model, optimizer, scheduler, scaler, step, hooks."""
         self._require_built("state_dict()")
@@ -502,7 +514,10 @@ class BaseTrainer:
             return torch.nn.utils.get_total_norm(grads, foreach=True)
         # FSDP / DeepSpeed: Accelerate knows how to reduce sharded norms (and unscales once).
         norm = self.accelerator.clip_grad_norm_(self._trainable, self.grad_clip or math.inf)
-        return norm if norm is not None else torch.zeros((), device=self.device)
+        if norm is None:  # DeepSpeed before its first step
+            return torch.zeros((), device=self.device)
+        # FSDP2 returns the (already reduced) norm as a replicated DTensor: take the plain value.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
         """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""

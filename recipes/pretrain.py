@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> Path:
 
         (trainer.workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     trainer.train()
-    return trainer.finish()
+    final = trainer.finish()
+    trainer.close()
+    return final
 
 
 if __name__ == "__main__":

@@ -98,3 +98,24 @@ class Recorder(BaseHook):
 
 def params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def cpu_fsdp2_accelerator(**kwargs: Any):
+    """An Accelerator running FSDP2 on gloo CPU ranks (test-only shim).
+
+    Accelerate enables FSDP only for GPU-like multi-process types, so create the Accelerator
+    for CPU and then switch the distributed type and plugin on *both* the process-wide
+    PartialState and this AcceleratorState (``prepare`` re-reads the former and would undo a
+    change to the latter alone). ``prepare`` then wraps the model with ``fully_shard``.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+                      step_scheduler_with_optimizer=False, **kwargs)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                            state_dict_type="SHARDED_STATE_DICT")
+    for state in (PartialState(), acc.state):
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+    return acc

@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--slow-save-at", type=int)
     ap.add_argument("--no-shuffle", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the CPU ranks (tests.helpers shim)")
     args = ap.parse_args()
 
     if args.slow_save_at is not None:
@@ -134,16 +135,24 @@ def main() -> None:
 
         ckpt._write_manifest = slow_manifest
 
+    placement = {"device": "cpu"}
+    if args.fsdp:
+        from tests.helpers import cpu_fsdp2_accelerator
+
+        placement = {"accelerator": cpu_fsdp2_accelerator()}
     trainer = ResumeTrainer(args, max_steps=args.max_steps, gradient_accumulation_steps=args.accum,
-                            grad_clip=1.0, workspace=args.workspace, device="cpu")
+                            grad_clip=1.0, workspace=args.workspace, **placement)
     if args.kill_at is not None and not args.mid_window:
         original_build = trainer.build_hooks
         trainer.build_hooks = lambda: [*original_build(), KillAfterStep(args.kill_at, args.kill_rank)]
     trainer.train()
     rank = trainer.accelerator.process_index
     state = trainer.state_dict()
-    torch.save({"model": state["model"], "optimizer": state["optimizer"], "step": trainer.step},
-               args.workspace / f"final_rank{rank}.pt")
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 shards)
+    from acceltrain.utils import map_nested_tensor
+
+    torch.save({"model": map_nested_tensor(local, state["model"]), "optimizer": map_nested_tensor(local, state["optimizer"]),
+                "step": trainer.step}, args.workspace / f"final_rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Run under torchrun (2 CPU ranks, gloo): the trainer on FSDP2 (or DDP for reference).
+
+Usage: fsdp_check.py toy OUT [--ddp]   -> OUT/params.json (full parameters after 10 steps)
+       fsdp_check.py hf OUT            -> OUT/hf (save_pretrained of a tiny Llama) + OUT/logits.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from acceltrain import BaseTrainer  # noqa: E402
+from tests.helpers import ToyTrainer, cpu_fsdp2_accelerator  # noqa: E402
+
+
+class TinyLlama(BaseTrainer):
+    def build_data_loader(self):
+        ids = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+    def build_model(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                            tie_word_embeddings=False))
+
+    def build_optimizer(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+
+    def forward(self, input):
+        (ids,) = input
+        return self.model(input_ids=ids, labels=ids).loss, {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["toy", "hf"])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ddp", action="store_true")
+    args = ap.parse_args()
+    acc = None if args.ddp else cpu_fsdp2_accelerator()
+    kw = {"accelerator": acc} if acc is not None else {"device": "cpu"}
+    if args.mode == "toy":
+        t = ToyTrainer(max_steps=10, gradient_accumulation_steps=2, batch_size=4, n=128, optimizer="adamw",
+                       grad_clip=0.5, scheduler=True, **kw)
+        t.train()
+        full = t.accelerator.get_state_dict(t.model)  # gathers FSDP shards on rank 0
+        if t.is_main_process:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "params.json").write_text(json.dumps({k: v.flatten().tolist() for k, v in full.items()}))
+            print("distributed_type", t.accelerator.distributed_type.value, "model", type(t.model).__name__)
+    else:
+        t = TinyLlama(max_steps=4, **kw)
+        t.train()
+        t.save_pretrained(args.out / "hf")
+        probe = torch.arange(10).unsqueeze(0)
+        t.model.eval()
+        with torch.no_grad():
+            logits = t.model(input_ids=probe).logits  # every rank: FSDP forwards are collective
+        if t.is_main_process:
+            torch.save(logits, args.out / "logits.pt")
+    t.close()
+
+
+if __name__ == "__main__":
+    main()
