@@ -138,6 +138,7 @@ class BaseTrainer:
         self.should_stop = False
         self.stop_reason: str | None = None
         self.exit_code: int | None = None  # set by a hook (e.g. after a signal): train() exits with it
+        self._skip_reason: str | None = None
         self._stop_local = False
         self._built = False
         self._pending_state: dict[str, Any] | None = None
@@ -304,6 +305,16 @@ class BaseTrainer:
 
         self._require_built("save_pretrained()")
         return save_pretrained(self, directory, **kwargs)
+
+    def skip_step(self, reason: str) -> None:
+        """From ``on_before_optimizer_step``: discard this step's gradients instead of applying
+        them. Neither the step counter nor the scheduler advances and ``on_after_step`` is not
+        called. Call it on every rank alike (decide from reduced values)."""
+        self._skip_reason = reason
+
+    def _recovered(self, why: str, skipped: list[int]) -> bool:
+        """Retries are spent: a hook (e.g. GuardHook) may roll back and return True to go on."""
+        return any(hook.on_non_finite(self, why, skipped) for hook in self._hooks_for["on_non_finite"])
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module under DDP/FSDP/DeepSpeed/``torch.compile`` wrappers."""
@@ -584,6 +595,9 @@ class BaseTrainer:
                 "step %d: %s (batches %s); retry %d of %d",
                 self.step + 1, why, positions, retries, self.max_non_finite_grad_retries,
             )
+            if retries > self.max_non_finite_grad_retries and self._recovered(why, skipped):
+                retries, skipped = 0, []
+                continue
             if retries > self.max_non_finite_grad_retries:
                 raise NonFiniteError(
                     f"step {self.step + 1}: {why} after {retries} attempt(s) "
@@ -603,7 +617,15 @@ class BaseTrainer:
             grad_norm = grad_norm * factor
             if self.grad_clip is not None:
                 self._grad_norm(unscale=False)
+        info = self.step_info
+        info["loss"] = loss_sum if self._items_mode else loss_sum / contributed
+        info["grad_norm"] = grad_norm
+        info["batches"] = positions
+        self._skip_reason = None
         self._call_hook("on_before_optimizer_step")
+        if self._skip_reason is not None:  # a hook vetoed this update (e.g. a loss spike)
+            self._zero_grad()
+            return
         self._optimizer_step()
         if self._inner_scheduler is not None:
             self._inner_scheduler.step()
@@ -611,9 +633,6 @@ class BaseTrainer:
         self.step += 1
         if self._data.exhausted:
             self.request_stop("data exhausted")
-        info = self.step_info
-        info["loss"] = loss_sum if self._items_mode else loss_sum / contributed
-        info["grad_norm"] = grad_norm
         info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
         info["records"] = records[0] if len(records) == 1 else key_average(records)
         info["non_finite_retries"] = retries

@@ -3,6 +3,7 @@
 from .base import EVENTS, BaseHook
 from .checkpointing import CheckpointingHook
 from .ema import EmaHook
+from .guard import GuardError, GuardHook
 from .images import ImageFileLoggerHook
 from .logging import LoggingHook
 from .memory import CudaMaxMemoryHook
@@ -16,6 +17,8 @@ __all__ = [
     "CheckpointingHook",
     "CudaMaxMemoryHook",
     "EmaHook",
+    "GuardError",
+    "GuardHook",
     "ImageFileLoggerHook",
     "LoggingHook",
     "ProgressHook",

@@ -12,6 +12,7 @@ EVENTS = (
     "on_before_train",
     "on_before_step",
     "on_before_optimizer_step",
+    "on_non_finite",
     "on_after_step",
     "on_log",
     "on_log_images",
@@ -43,7 +44,11 @@ class BaseHook:
                     every rank agrees: all gradients finite?     # one collective per step
                     if finite: break
                     zero gradients; record the skipped batches   # step_info["skipped_batches"]
-                on_before_optimizer_step(trainer)                # gradients final, not yet applied
+                    if retries spent:
+                        on_non_finite(trainer, reason, batches)  # True: rolled back, go on
+                        else raise NonFiniteError
+                on_before_optimizer_step(trainer)                # loss, grad_norm, batches known;
+                                                                 # trainer.skip_step() vetoes
                 optimizer.step(); lr_scheduler.step(); zero gradients
                 trainer.step += 1
                 on_after_step(trainer)                           # step_info complete
@@ -76,7 +81,15 @@ class BaseHook:
         """Before the first micro-batch of a step; ``trainer.step`` is the number of steps done."""
 
     def on_before_optimizer_step(self, trainer: BaseTrainer) -> None:
-        """After backward, clipping and the finiteness check, before ``optimizer.step()``."""
+        """After backward, clipping and the finiteness check, before ``optimizer.step()``.
+
+        ``step_info`` already holds ``loss``, ``grad_norm`` and ``batches`` (the positions of
+        this step's micro-batches); ``trainer.skip_step(reason)`` discards the update."""
+
+    def on_non_finite(self, trainer: BaseTrainer, reason: str, batches: list[int]) -> bool:
+        """A step stayed non-finite after every retry. Return True after restoring a good state
+        (the step is then redone with fresh batches); the default lets the trainer raise."""
+        return False
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         """After the optimizer and scheduler stepped; ``trainer.step_info`` is complete."""

@@ -86,3 +86,11 @@ def test_token_normalisation_spans_ranks_and_the_window(tmp_path):
     ref.train()
     for got, want in zip(r0["params"], ref.model.parameters(), strict=True):
         torch.testing.assert_close(torch.tensor(got), want.detach().flatten(), atol=1e-6, rtol=0)
+
+
+def test_guard_spike_on_one_rank_rolls_back_both(tmp_path):
+    torchrun(SCRIPT, "guard", str(tmp_path), "--accum", "2")
+    r0, r1 = _results(tmp_path)
+    assert r0["params"] == r1["params"] and r0["step"] == r1["step"] == 10
+    for r in (r0, r1):
+        assert [(e["kind"], e["from_step"], e["to_step"]) for e in r["guard_events"]] == [("rollback", 7, 4)]

@@ -58,7 +58,7 @@ class NaNOnRank(ToyTrainer):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -73,6 +73,20 @@ def main() -> None:
         from tests.unit.test_trainer import TokenTrainer
 
         trainer = TokenTrainer(**{**common, "batch_size": 2})
+    elif args.mode == "guard":
+        from acceltrain import GuardHook
+
+        class SpikeOnRank1(ToyTrainer):
+            def forward(self, input):
+                loss, rec = super().forward(input)
+                self.calls = getattr(self, "calls", 0) + 1
+                if self.accelerator.process_index == 1 and self.calls == 13:  # step 7, micro-batch 1
+                    loss = loss * 1e4
+                return loss, rec
+
+        guard = GuardHook(spike_threshold=10, min_history_len=3, state_update_interval=4, skips_before_rollback=0)
+        trainer = SpikeOnRank1(**{**common, "max_steps": 10, "hooks": [counter, keep, guard]})
+        trainer.guard = guard
     elif args.mode == "eval":
         trainer = EvalTrainer(**common)
     elif args.mode == "nan":
@@ -95,6 +109,7 @@ def main() -> None:
         "infos": keep.infos,
         "error": error,
         "metrics": metrics,
+        "guard_events": getattr(getattr(trainer, "guard", None), "events", None),
         "params": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,0 +1,105 @@
+"""GuardHook: spikes skipped, then rolled back exactly with a lower LR; NaN forever ends in an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acceltrain import BaseHook, GuardError, GuardHook
+from tests.helpers import ToyTrainer, params
+
+
+class SpikeAt(ToyTrainer):
+    """Multiplies the loss of the given micro-batch positions (a data-induced spike)."""
+
+    def __init__(self, spikes, factor=1e4, **kw):
+        super().__init__(**kw)
+        self.spikes, self.factor, self.seen = set(spikes), factor, 0
+
+    def forward(self, input):
+        loss, rec = super().forward(input)
+        if self.seen in self.spikes:
+            loss = loss * self.factor
+        self.seen += 1
+        return loss, rec
+
+
+class Watch(BaseHook):
+    """Checks, at the first step after a rollback, that the weights equal the guard's snapshot."""
+
+    def __init__(self, guard):
+        self.guard, self.checked, self.losses, self.lrs = guard, [], [], []
+
+    def on_before_step(self, trainer):
+        if self.guard.rollbacks and len(self.checked) < self.guard.rollbacks:
+            snap = self.guard.snapshot["params"]
+            self.checked.append(all(torch.equal(p.detach(), s) for p, s in zip(trainer._trainable, snap, strict=True)))
+
+    def on_after_step(self, trainer):
+        self.losses.append(trainer.step_info["loss"].item())
+        self.lrs.append(trainer.step_info["lr"][0])
+
+
+def test_spike_rolls_back_to_the_snapshot_with_a_lower_lr():
+    guard = GuardHook(spike_threshold=10, min_history_len=3, state_update_interval=4, skips_before_rollback=0,
+                      max_rollbacks=2, lr_factor=0.5)
+    watch = Watch(guard)
+    t = SpikeAt({9}, max_steps=12, lr=0.05, device="cpu", hooks=[guard, watch])
+    t.train()
+    assert guard.rollbacks == 1 and watch.checked == [True]
+    rollback = [e for e in guard.events if e["kind"] == "rollback"][0]
+    assert rollback["from_step"] == 10 and rollback["to_step"] == 8 and rollback["batches"] == [9]  # the 10th batch drawn
+    # The LR halved for good (SGD, constant LR): 0.05 for the first 9 steps, then 0.025.
+    assert watch.lrs[:9] == [0.05] * 9 and set(watch.lrs[9:]) == {0.025}
+    assert t.step == 12 and watch.losses[-1] < 0.01 * 1e4 * min(watch.losses)
+
+
+def test_first_spike_is_only_skipped():
+    guard = GuardHook(spike_threshold=10, min_history_len=3, skips_before_rollback=1)
+    t = SpikeAt({6}, max_steps=10, device="cpu", hooks=[guard])
+    t.train()
+    assert [e["kind"] for e in guard.events] == ["skip"] and guard.rollbacks == 0 and t.step == 10
+
+
+def test_nan_every_step_ends_in_a_clear_error_after_max_rollbacks():
+    class NaNs(ToyTrainer):
+        def forward(self, input):
+            loss, rec = super().forward(input)
+            return loss * float("nan") if self.step >= 3 else loss, rec
+
+    guard = GuardHook(min_history_len=1, max_rollbacks=2)
+    t = NaNs(max_steps=10, max_non_finite_grad_retries=1, device="cpu", hooks=[guard])
+    with pytest.raises(GuardError, match=r"step 4: non-finite gradients \(loss None\) after 2 rollback\(s\)"):
+        t.train()
+    assert guard.rollbacks == 2
+
+
+def test_guard_state_round_trips_through_checkpoint_state():
+    guard = GuardHook(spike_threshold=10, min_history_len=3, state_update_interval=2, skips_before_rollback=0)
+    t = SpikeAt({7}, max_steps=9, device="cpu", hooks=[guard])
+    t.train()
+    state = t.state_dict()["hooks"]["GuardHook"]
+    other = GuardHook()
+    other.load_state_dict(state)
+    assert list(other.history) == list(guard.history) and other.rollbacks == 1 and other.events == guard.events
+    assert all(torch.equal(a, b) for a, b in zip(other.snapshot["params"], guard.snapshot["params"], strict=True))
+    torch.save(state, "/dev/null")  # tensors and plain values only
+
+
+def test_guard_survives_where_the_plain_trainer_raises():
+    """Without the guard the NaN window exhausts its retries; with it, training goes on."""
+    from acceltrain import NonFiniteError
+
+    class NaNOnce(ToyTrainer):
+        def forward(self, input):
+            loss, rec = super().forward(input)
+            self.calls = getattr(self, "calls", 0) + 1
+            return (loss * float("nan") if self.calls in (5, 6) else loss), rec
+
+    with pytest.raises(NonFiniteError):
+        NaNOnce(max_steps=8, max_non_finite_grad_retries=1, device="cpu").train()
+    guard = GuardHook(min_history_len=1, state_update_interval=2)
+    t = NaNOnce(max_steps=8, max_non_finite_grad_retries=1, device="cpu", hooks=[guard])
+    t.train()
+    assert t.step == 8 and guard.rollbacks == 1
+    assert all(torch.isfinite(p).all() for p in params(t.model))
