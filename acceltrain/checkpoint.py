@@ -28,7 +28,10 @@ import os
 import random
 import re
 import shutil
+import threading
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "SaveHandle",
     "load_checkpoint",
     "find_latest_checkpoint",
     "verify_checkpoint",
@@ -170,19 +174,30 @@ def find_latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
     return None
 
 
-def _write_manifest(folder: Path, step: int, world_size: int, extra: dict[str, Any]) -> None:
+def _file_report(folder: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """fsync each file and record its size and CRC32 (what the manifest promises)."""
+    report = {}
+    for name in names:
+        path = folder / name
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        report[name] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    return report
+
+
+def _write_manifest(folder: Path, step: int, world_size: int, extra: dict[str, Any],
+                    files: dict[str, dict[str, int]] | None = None) -> None:
     import accelerate
     import transformers
 
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    if files is None:
+        names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+        files = _file_report(folder, names)
     manifest = {
         "format": 1,
         "step": step,
         "world_size": world_size,
-        "files": files,
+        "files": dict(sorted(files.items())),
         "versions": {
             "acceltrain": __import__("acceltrain").__version__,
             "torch": torch.__version__,
@@ -199,6 +214,63 @@ def _write_manifest(folder: Path, step: int, world_size: int, extra: dict[str, A
     os.replace(tmp, folder / MANIFEST)
 
 
+class SaveHandle:
+    """A checkpoint whose files are written; its finalisation may still run in the background.
+
+    ``wait()`` blocks until the folder is complete (manifest written, renamed, latest link
+    moved, ``on_complete`` run) and re-raises anything that failed there.
+    """
+
+    def __init__(self, folder: Path, thread: threading.Thread | None):
+        self.folder = folder
+        self._thread = thread
+        self.error: BaseException | None = None
+
+    def wait(self) -> Path:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise CheckpointError(f"{self.folder}: the save did not complete ({error})") from error
+        return self.folder
+
+    @property
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+
+def _finish(handle: SaveHandle, tmp: Path, final: Path, rank: int, world: int, step: int,
+            names: list[str], extra: dict[str, Any], on_complete: Callable[[Path], None] | None,
+            timeout: float) -> None:
+    """Runs off the training thread: no collectives here, ranks meet through files."""
+    try:
+        (tmp / f".rank{rank}.json.tmp").write_text(json.dumps(_file_report(tmp, names)))
+        os.replace(tmp / f".rank{rank}.json.tmp", tmp / f".rank{rank}.json")
+        if rank != 0:
+            return
+        reports = [tmp / f".rank{r}.json" for r in range(world)]
+        deadline = time.monotonic() + timeout
+        while not all(p.is_file() for p in reports):
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{tmp}: ranks did not finish writing within {timeout:.0f} s")
+            time.sleep(0.02)
+        files: dict[str, dict[str, int]] = {}
+        for report in reports:
+            files.update(json.loads(report.read_text()))
+            report.unlink()
+        _write_manifest(tmp, step, world, extra, files)
+        if final.exists():  # a save of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        point_link(final.parent, LATEST, final)
+        if on_complete is not None:
+            on_complete(final)
+    except BaseException as e:  # kept for wait(), which raises it on the training thread
+        handle.error = e
+
+
 def point_link(root: Path, name: str, target: Path) -> None:
     """Atomically point the symlink ``root/name`` at ``target`` (a sibling folder)."""
     link = root / name
@@ -209,8 +281,18 @@ def point_link(root: Path, name: str, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save the trainer's full state as ``root/checkpoint_step_{step}``; every rank must call it."""
+def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | None = None, *,
+                    background: bool = False, on_complete: Callable[[Path], None] | None = None,
+                    timeout: float = 600.0) -> SaveHandle:
+    """Save the trainer's full state as ``root/checkpoint_step_{step}``; every rank must call it.
+
+    Training is blocked only while the state is serialised. With ``background=True`` the rest
+    (fsync, CRC32 of every file, the manifest, the rename, moving ``checkpoint_latest``,
+    ``on_complete`` e.g. retention) runs on a thread of each rank and ``SaveHandle.wait()``
+    joins it; until then the folder is a ``.tmp_`` one that loading ignores. The ranks meet
+    through small per-rank report files, not collectives, so the thread never races the
+    training loop's own collectives.
+    """
     from safetensors.torch import save_file, save_model
 
     acc = trainer.accelerator
@@ -226,32 +308,33 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     state = trainer.state_dict()
     rank = acc.process_index
     sharded = any(isinstance(v, DTensor) for v in state["model"].values())
+    names = [f"rng_state_{rank}.pt"]
     if sharded:
         # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
         # weights_only pickle); loading rebuilds the DTensors on the same mesh.
-        save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / f"model_shard_{rank}.safetensors"))
-        torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / f"optimizer_shard_{rank}.pt")
+        names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
+        save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / names[1]))
+        torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
     elif acc.is_main_process:
+        names += ["model.safetensors", "optimizer.pt"]
         save_model(trainer.unwrapped_model, str(tmp / "model.safetensors"))
         torch.save(state["optimizer"], tmp / "optimizer.pt")
     if acc.is_main_process:
-        rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-        torch.save(rest, tmp / "trainer_state.pt")
+        names.append("trainer_state.pt")
+        torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, tmp / "trainer_state.pt")
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-    acc.wait_for_everyone()
 
-    if acc.is_main_process:
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        _write_manifest(tmp, trainer.step, acc.num_processes, {"sharded": sharded, **(extra or {})})
-        if final.exists():  # a save of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        point_link(root, LATEST, final)
-    acc.wait_for_everyone()
-    return final
+    handle = SaveHandle(final, None)
+    args = (handle, tmp, final, rank, acc.num_processes, trainer.step, names,
+            {"sharded": sharded, **(extra or {})}, on_complete, timeout)
+    if background:
+        handle._thread = threading.Thread(target=_finish, args=args, name="acceltrain-checkpoint", daemon=True)
+        handle._thread.start()
+        return handle
+    _finish(*args)
+    handle.wait()
+    acc.wait_for_everyone()  # every rank returns after the folder is complete
+    return handle
 
 
 def _load(path: Path) -> Any:

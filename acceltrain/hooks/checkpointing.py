@@ -56,6 +56,8 @@ class CheckpointingHook(BaseHook):
             ``scontrol requeue $SLURM_JOB_ID`` so the job restarts and resumes.
         strict: After loading, the next batch's sample indices must match the fingerprint the
             checkpoint recorded; ``False`` warns instead of raising.
+        background: Finish saves (fsync, checksums, manifest, rename, retention) on a thread
+            while training goes on; training is blocked only for serialisation.
 
     Example:
         >>> CheckpointingHook(interval=1000, keep_previous=2, keep_interval=5000)
@@ -76,6 +78,7 @@ class CheckpointingHook(BaseHook):
         mode: str = "min",
         requeue: bool = False,
         strict: bool = True,
+        background: bool = True,
     ):
         if interval < 1:
             raise ValueError(f"CheckpointingHook interval must be >= 1, got {interval}")
@@ -100,6 +103,8 @@ class CheckpointingHook(BaseHook):
         self.mode = mode
         self.requeue = requeue
         self.strict = strict
+        self.background = background
+        self._pending = None
         self._metric_value: float | None = None
         self.loaded_from: Path | None = None
         self._signal: int | None = None
@@ -140,17 +145,27 @@ class CheckpointingHook(BaseHook):
             self.save(trainer)
 
     def save(self, trainer: BaseTrainer) -> Path | None:
-        """Save now (every rank must call it); a step already saved is not written twice."""
+        """Save now (every rank must call it); a step already saved is not written twice.
+
+        Training waits only for serialisation; fsync, checksums, the manifest, the rename and
+        retention finish in the background (``background=False`` waits for all of it). A
+        failure there is raised at the next save or at the end of training, never swallowed.
+        """
         if trainer.step == self._last_saved:
             return None
+        self.wait()
         root = self.root(trainer)
         extra = {"metrics": {self.metric: self._metric_value}} if self.metric else {}
-        folder = save_checkpoint(trainer, root, extra=extra)
+        self._pending = save_checkpoint(trainer, root, extra=extra, background=self.background,
+                                        on_complete=lambda _: self._apply_retention(root))
         self._last_saved = trainer.step
-        if trainer.is_main_process:
-            self._apply_retention(root)
-        trainer.accelerator.wait_for_everyone()
-        return folder
+        return self._pending.folder
+
+    def wait(self) -> None:
+        """Block until the last save is complete (raising what went wrong in it)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
 
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
         if self.metric is not None:
@@ -204,6 +219,8 @@ class CheckpointingHook(BaseHook):
         try:
             if trainer.step != self._last_saved and (self._signal is not None or trainer.should_stop):
                 self.save(trainer)
+            self.wait()
+            trainer.accelerator.wait_for_everyone()  # every rank's last checkpoint is complete
         finally:
             self._restore_signals()
         signum = _agreed_signal(trainer, self._signal)
