@@ -80,7 +80,7 @@ class DataPosition:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
         # The workers' base seed comes from this generator: the same for an epoch however it began.
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
     def consumed(self, batch_size: int) -> None:
         self.samples_in_epoch += batch_size

@@ -108,3 +108,22 @@ def test_skipping_is_independent_of_the_position():
     second.load_state_dict(state)
     second.train()
     assert calls == order[90_000:90_004].tolist()  # only the next batch was read
+
+
+def test_unseeded_process_gets_a_working_agreed_seed():
+    """Without seeding, torch's initial seed is a random 64-bit number: it must still work."""
+    seed = torch.seed()
+    assert seed > 2**40  # (almost surely) a big one
+
+    class Unseeded(IndexTrainer):
+        def build_data_loader(self):
+            loader = super().build_data_loader()
+            return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size, shuffle=True)
+
+        def build_model(self):
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    t = Unseeded(max_steps=20, n=64, batch_size=4, device="cpu")  # crosses an epoch boundary
+    t.train()
+    assert t._data.position.seed == seed % 2**62
+    assert sorted(t.seen[:64]) == list(range(64))
