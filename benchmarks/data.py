@@ -1,0 +1,69 @@
+"""Tokenize + pack throughput against calling the fast tokenizer directly on the same text.
+
+    python benchmarks/data.py [--repeats 3] [--max_bytes 3000000] [--out benchmarks/results/data.json]
+
+Both sides tokenize the same documents (this Python's standard library, the pretraining
+recipe's default corpus) with the same tokenizer on one thread (tokens/s per core):
+``direct`` is ``tokenizer(texts, add_special_tokens=False)`` in batches of 1,000 and nothing
+else; ``pack_texts`` is acceltrain's packer writing the flat token memmap with EOS after every
+document, with an empty cache each time (a cache hit is also shown). The data-wait share of
+training steps is measured by benchmarks/throughput.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the fast tokenizer's thread pool: one core
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from acceltrain.data import load_texts, pack_texts, texts_fingerprint, train_bpe_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max_bytes", type=int, default=3_000_000)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data.json")
+    args = ap.parse_args()
+    texts = load_texts("python-stdlib", max_bytes=args.max_bytes)
+    fingerprint = texts_fingerprint(texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_bpe_tokenizer(texts, 4096, Path(tmp) / "tok", fingerprint=fingerprint)
+        direct_s, pack_s, hit_s, tokens = [], [], [], 0
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            n = 0
+            for i in range(0, len(texts), 1000):
+                n += sum(len(ids) for ids in tok(texts[i:i + 1000], add_special_tokens=False)["input_ids"])
+            direct_s.append(time.perf_counter() - t0)
+            cache = Path(tmp) / f"cache{r}"
+            t0 = time.perf_counter()
+            corpus = pack_texts(texts, tok, cache, fingerprint=fingerprint)
+            pack_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            again = pack_texts(texts, tok, cache, fingerprint=fingerprint)
+            hit_s.append(time.perf_counter() - t0)
+            assert again.from_cache and corpus.num_tokens == n + len(texts)  # one EOS per document
+            tokens = n
+    direct, pack, hit = (statistics.median(v) for v in (direct_s, pack_s, hit_s))
+    print(f"{len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} MB, {tokens:,} tokens, one core, median of {args.repeats}")
+    print(f"{'':22} {'seconds':>8} {'tokens/s':>12} {'cost vs direct':>15}")
+    print(f"{'tokenizer, direct':22} {direct:8.2f} {tokens / direct:12,.0f} {'':>15}")
+    print(f"{'pack_texts (no cache)':22} {pack:8.2f} {tokens / pack:12,.0f} {100 * (pack / direct - 1):+14.1f}%")
+    print(f"{'pack_texts (cache hit)':22} {hit:8.3f} {'':>12} {'':>15}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"tokens": tokens, "direct_s": direct, "pack_s": pack, "cache_hit_s": hit,
+                                    "pack_overhead": pack / direct - 1}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Pretraining throughput: recipes/pretrain.py's training loop against a nanoGPT-style raw loop.
+
+    python benchmarks/throughput.py [--repeats 3] [--steps 60] [--out benchmarks/results/throughput.json]
+
+Same model (the recipe's preset), same packed data and windows, same AdamW groups, schedule,
+clipping and precision; each run in its own process, interleaved over repeats; the first
+``--warmup`` steps are not timed. Reports tokens/s (median), the ratio to the raw loop, the
+share of step time spent waiting for data in the recipe, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("pretrain_recipe", ROOT / "recipes" / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def recipe_args(args: argparse.Namespace, out: Path) -> list[str]:
+    return ["--output_dir", str(out), "--max_steps", str(args.steps), "--model_size", args.model_size,
+            "--seq_len", str(args.seq_len), "--batch_size", str(args.batch_size), "--eval_interval", "100000",
+            "--save_interval", "100000", "--log_interval", "20", "--sample_tokens", "0", "--overwrite", "true"]
+
+
+def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from acceltrain import BaseHook
+    from acceltrain.config import parse_config
+
+    recipe = load_recipe()
+    out = Path(args.tmp) / impl
+    cfg = parse_config(recipe.PretrainConfig, recipe_args(args, out))
+    trainer = recipe.PretrainTrainer(cfg)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    if impl == "acceltrain":
+        marks: dict[str, float] = {}
+        data = []
+
+        class Clock(BaseHook):
+            def on_after_step(self, trainer):
+                if trainer.step == args.warmup:
+                    marks["start"] = time.perf_counter()
+                elif trainer.step > args.warmup:
+                    data.append(trainer.step_info["data_time"] / trainer.step_info["step_time"])
+                if trainer.step == cfg.max_steps:
+                    marks["end"] = time.perf_counter()
+
+        build = trainer.build_hooks
+        trainer.build_hooks = lambda: [*build(), Clock()]
+        trainer.train()
+        seconds = marks["end"] - marks["start"]
+        data_share = statistics.mean(data)
+    else:  # nanoGPT-style: the same pieces, no trainer
+        trainer._build()  # builds model/optimizer/scheduler/data exactly as the recipe does
+        model = trainer.unwrapped_model
+        opt = trainer._inner_optimizer
+        sched = trainer._inner_scheduler
+        loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+        it = iter(loader)
+        for step in range(cfg.max_steps):
+            if step == args.warmup:
+                start = time.perf_counter()
+            batch = next(it)
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        data_share = float("nan")
+    steps = cfg.max_steps - args.warmup
+    return {"tokens_per_s": steps * tokens_per_step / seconds, "data_share": data_share,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--model_size", default="tiny")
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    import tempfile
+
+    impls = ["raw", "acceltrain"]
+    results: dict[str, list[dict]] = {k: [] for k in impls}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Warm the tokenizer/packing cache once so no worker pays for it.
+        subprocess.run([sys.executable, __file__, "--worker", "raw", "--tmp", tmp, "--steps", str(args.warmup + 1),
+                        "--warmup", "0"], check=True, capture_output=True, env={**os.environ})
+        for _ in range(args.repeats):
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--worker", impl, "--tmp", tmp, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--model_size", args.model_size, "--seq_len", str(args.seq_len),
+                       "--batch_size", str(args.batch_size)]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                results[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = {impl: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for impl, rows in results.items()}
+    raw = summary["raw"]["tokens_per_s"]
+    print(f"{args.model_size} preset, batch {args.batch_size} x seq {args.seq_len}, {args.steps - args.warmup} timed steps, "
+          f"median of {args.repeats}")
+    print(f"{'':12} {'tokens/s':>10} {'x raw':>7} {'data wait':>10} {'peak RSS':>9}")
+    for impl, row in summary.items():
+        share = "" if row["data_share"] != row["data_share"] else f"{100 * row['data_share']:.2f}%"
+        print(f"{impl:12} {row['tokens_per_s']:10,.0f} {row['tokens_per_s'] / raw:7.3f} {share:>10} "
+              f"{row['peak_rss_gib']:8.2f}G")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summary": summary, "runs": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
