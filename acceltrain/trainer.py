@@ -372,14 +372,19 @@ class BaseTrainer:
         scaler = self.build_grad_scaler()
         if scaler is not None and scaler is not acc.scaler:
             acc.scaler = scaler  # prepare() hands it to the AcceleratedOptimizer
+        data = self.build_data_loader()
+        self._deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self._deepspeed:
+            self._configure_deepspeed(data)
         objects = [self.model, self.optimizer]
-        if self.lr_scheduler is not None:
+        # Under DeepSpeed the scheduler stays ours: given to prepare(), the engine would step it too.
+        if self.lr_scheduler is not None and not self._deepspeed:
             objects.append(self.lr_scheduler)
         prepared = list(acc.prepare(*objects))
         self.model, self.optimizer = prepared[0], prepared[1]
-        if self.lr_scheduler is not None:
+        if len(prepared) > 2:
             self.lr_scheduler = prepared[2]
-        self._data = DataStream(self.build_data_loader(), acc, self.data_seed)
+        self._data = DataStream(data, acc, self.data_seed)
         self.data_loader = self._data.loader
         eval_loader = self.build_eval_data_loader()
         if eval_loader is not None:
@@ -404,7 +409,9 @@ class BaseTrainer:
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._fast_path = acc.distributed_type in _PLAIN_GRADS
         self._sync_needed = acc.num_processes > 1
-        self._use_no_sync = self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
+        # DeepSpeed decides gradient reduction from the accumulation boundary we set instead.
+        self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
+                             and not self._deepspeed)
         self._autocast = acc.autocast if self.mixed_precision is not None else contextlib.nullcontext
         self._items_mode = type(self).count_loss_items is not BaseTrainer.count_loss_items
         self.loss_items: torch.Tensor | None = None
@@ -498,7 +505,12 @@ class BaseTrainer:
                     records.append(rec)
                 if loss is None:
                     continue
-                self._backward(loss * scale)
+                if self._deepspeed:
+                    # The engine divides by its gradient_accumulation_steps (= k) itself.
+                    self.model.set_gradient_accumulation_boundary(micro == len(batches) - 1)
+                    self.model.backward(loss * (scale * k))
+                else:
+                    self._backward(loss * scale)
             contributed += 1
             detached = loss.detach() * scale if self._items_mode else loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
@@ -529,6 +541,32 @@ class BaseTrainer:
             return torch.zeros((), device=self.device)
         # FSDP2 returns the (already reduced) norm as a replicated DTensor: take the plain value.
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _configure_deepspeed(self, data: Any) -> None:
+        """The trainer owns batch size, accumulation and clipping: write them into the DS config."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        batch_size = getattr(data, "batch_size", None)
+        if not isinstance(batch_size, int):
+            batch_size = config.get("train_micro_batch_size_per_gpu")
+        if not isinstance(batch_size, int):
+            raise ValueError("DeepSpeed needs the micro-batch size: return a DataLoader with batch_size from "
+                             "build_data_loader(), or set train_micro_batch_size_per_gpu in the DeepSpeed config")
+        k = self.gradient_accumulation_steps
+        config["train_micro_batch_size_per_gpu"] = batch_size
+        config["gradient_accumulation_steps"] = k
+        config["train_batch_size"] = batch_size * k * self.accelerator.num_processes
+        config["gradient_clipping"] = self.grad_clip or 0.0
+
+    def _deepspeed_step(self) -> torch.Tensor:
+        """Let the engine clip and step; it skips (and zeroes) a step with non-finite gradients
+        itself, agreed across ranks, so the trainer only reads the outcome: the decision comes
+        after the update was attempted, unlike the other engines (hooks cannot veto it)."""
+        engine = self.model
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        if bool(getattr(engine.optimizer, "overflow", False)):
+            return torch.tensor(math.inf, device=self.device)
+        return torch.tensor(float(norm) if norm is not None else 0.0, device=self.device)
 
     def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
         """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
@@ -572,7 +610,7 @@ class BaseTrainer:
             if not positions:  # a one-shot iterable ran dry at a window boundary
                 self.request_stop("data exhausted")
                 return
-            grad_norm = self._grad_norm()
+            grad_norm = self._deepspeed_step() if self._deepspeed else self._grad_norm()
             finite, total, stop = self._agree(grad_norm, contributed)
             if stop:
                 self.should_stop = True
@@ -607,7 +645,7 @@ class BaseTrainer:
             if self._data.exhausted:
                 self.request_stop("data exhausted")
                 return
-        if total != expected and not self._items_mode:
+        if total != expected and not self._items_mode and not self._deepspeed:
             # Some micro-batches gave no loss (or the data ran out mid-window): each
             # contributing micro-batch weighs 1/total, not 1/k, so nothing is under-scaled.
             # Clipping already used the smaller norm; clipping again after the rescale gives
@@ -626,7 +664,8 @@ class BaseTrainer:
         if self._skip_reason is not None:  # a hook vetoed this update (e.g. a loss spike)
             self._zero_grad()
             return
-        self._optimizer_step()
+        if not self._deepspeed:  # the engine applied the update in _deepspeed_step
+            self._optimizer_step()
         if self._inner_scheduler is not None:
             self._inner_scheduler.step()
         self._zero_grad()

@@ -118,6 +118,11 @@ class CheckpointingHook(BaseHook):
 
     # ---------------------------------------------------------------- resume
     def on_before_train(self, trainer: BaseTrainer) -> None:
+        if getattr(trainer, "_deepspeed", False):
+            # ZeRO keeps optimizer partitions in objects that only unpickling restores, which the
+            # safe-loading rule forbids; refuse before training rather than at the first save.
+            raise CheckpointError("CheckpointingHook does not support DeepSpeed yet: use FSDP2 "
+                                  "(accelerate_configs/fsdp2.yaml) for sharded, exactly resumable training")
         self._install_signals(trainer)
         if self.load is None:
             return
