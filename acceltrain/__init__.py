@@ -21,6 +21,11 @@ from .hooks import (
     ThroughputHook,
     WandbHook,
 )
+from .hooks.early_stopping import EarlyStoppingHook
+from .hooks.sparsity import SparsityHook
+from .lr_finder import LRFinder, find_lr
+from .one_call import Trainer, TrainerConfig, train_model
+from .schedules import build_schedule, reduce_lr, scale_lr, surge_lr
 from .trainer import BaseTrainer, NonFiniteError
 from .utils import count_parameters, format_params, key_average, map_nested_tensor, seed_everything
 
@@ -30,22 +35,33 @@ __all__ = [
     "BaseTrainer",
     "CheckpointingHook",
     "CudaMaxMemoryHook",
+    "EarlyStoppingHook",
     "EmaHook",
     "EvaluationHook",
     "GuardError",
     "GuardHook",
     "ExportHook",
     "ImageFileLoggerHook",
+    "LRFinder",
     "LoggingHook",
     "NonFiniteError",
     "ProgressHook",
+    "SparsityHook",
     "ThroughputHook",
+    "Trainer",
+    "TrainerConfig",
     "WandbHook",
     "__version__",
+    "build_schedule",
     "count_parameters",
+    "find_lr",
     "format_params",
     "key_average",
     "map_nested_tensor",
+    "reduce_lr",
     "save_pretrained",
+    "scale_lr",
     "seed_everything",
+    "surge_lr",
+    "train_model",
 ]

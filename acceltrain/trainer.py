@@ -306,6 +306,18 @@ class BaseTrainer:
         self._require_built("save_pretrained()")
         return save_pretrained(self, directory, **kwargs)
 
+    def find_lr(self, **kwargs: Any) -> float:
+        """Run the LR range test with this trainer's ``forward``, data and optimizer, then put
+        everything back (weights, optimizer, RNG, data position); every rank must call it. See
+        :func:`acceltrain.lr_finder.find_lr` (``apply=True`` adopts the suggestion).
+
+        Example:
+            >>> lr = trainer.find_lr(end_lr=1.0, apply=True)
+        """
+        from .lr_finder import find_lr
+
+        return find_lr(self, **kwargs)
+
     def skip_step(self, reason: str) -> None:
         """From ``on_before_optimizer_step``: discard this step's gradients instead of applying
         them. Neither the step counter nor the scheduler advances and ``on_after_step`` is not
