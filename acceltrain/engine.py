@@ -1,0 +1,125 @@
+"""How gradients reach the weights on each engine: backward, clipping, the agreed finiteness
+check and the optimizer step, for plain tensors (one process, DDP), FSDP2 and DeepSpeed.
+
+A mixin of :class:`~acceltrain.trainer.BaseTrainer`, kept apart so the step loop reads in one
+sitting; these methods use the trainer's prepared objects and are not public API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+# Distributed types where gradients are plain tensors and torch's own clipping is exact.
+PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+class GradientOps:
+    """Engine-specific parts of a step (see BaseTrainer._run_step for the order)."""
+
+    def _make_accelerator(
+        self, mixed_precision: str | None, device: Any, kwargs: dict[str, Any] | None
+    ) -> Accelerator:
+        kwargs = dict(kwargs or {})
+        kwargs.setdefault("mixed_precision", mixed_precision or "no")
+        # The trainer steps the scheduler once per optimizer update itself; Accelerate's
+        # default would step it num_processes times.
+        kwargs.setdefault("step_scheduler_with_optimizer", False)
+        if device is not None:
+            device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+            if device.type == "cpu":
+                kwargs.setdefault("cpu", True)
+            elif device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Without a GPU, Accelerate leaves the backend unset for some launchers
+            # (DeepSpeed under torchrun) and every process believes it is rank 0 of 1.
+            handlers = list(kwargs.get("kwargs_handlers") or [])
+            if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            kwargs["kwargs_handlers"] = handlers
+        return Accelerator(**kwargs)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not self._fast_path:
+            self.accelerator.backward(loss)
+        elif self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _grad_norm(self, unscale: bool = True) -> torch.Tensor:
+        """Clip to ``grad_clip`` (or only measure) and return the global norm before clipping."""
+        if self._fast_path:
+            grads = [p.grad for p in self._trainable if p.grad is not None]
+            if not grads:  # no micro-batch gave a loss
+                return torch.zeros((), device=self.device)
+            if unscale and self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self._inner_optimizer)
+            if self.grad_clip is not None:
+                return torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip, foreach=True)
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        # FSDP / DeepSpeed: Accelerate knows how to reduce sharded norms (and unscales once).
+        norm = self.accelerator.clip_grad_norm_(self._trainable, self.grad_clip or math.inf)
+        if norm is None:  # DeepSpeed before its first step
+            return torch.zeros((), device=self.device)
+        # FSDP2 returns the (already reduced) norm as a replicated DTensor: take the plain value.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _configure_deepspeed(self, data: Any) -> None:
+        """The trainer owns batch size, accumulation and clipping: write them into the DS config."""
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        batch_size = getattr(data, "batch_size", None)
+        if not isinstance(batch_size, int):
+            batch_size = config.get("train_micro_batch_size_per_gpu")
+        if not isinstance(batch_size, int):
+            raise ValueError("DeepSpeed needs the micro-batch size: return a DataLoader with batch_size from "
+                             "build_data_loader(), or set train_micro_batch_size_per_gpu in the DeepSpeed config")
+        k = self.gradient_accumulation_steps
+        config["train_micro_batch_size_per_gpu"] = batch_size
+        config["gradient_accumulation_steps"] = k
+        config["train_batch_size"] = batch_size * k * self.accelerator.num_processes
+        config["gradient_clipping"] = self.grad_clip or 0.0
+
+    def _deepspeed_step(self) -> torch.Tensor:
+        """Let the engine clip and step; it skips (and zeroes) a step with non-finite gradients
+        itself, agreed across ranks, so the trainer only reads the outcome: the decision comes
+        after the update was attempted, unlike the other engines (hooks cannot veto it)."""
+        engine = self.model
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        if bool(getattr(engine.optimizer, "overflow", False)):
+            return torch.tensor(math.inf, device=self.device)
+        return torch.tensor(float(norm) if norm is not None else 0.0, device=self.device)
+
+    def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
+        """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
+        if not self._sync_needed:
+            return bool(torch.isfinite(grad_norm)), contributed, self._stop_local
+        flags = torch.stack(
+            [
+                (~torch.isfinite(grad_norm)).to(torch.float32),
+                torch.tensor(float(contributed), device=grad_norm.device),
+                torch.tensor(float(self._stop_local), device=grad_norm.device),
+            ]
+        ).to(self.device)
+        torch.distributed.all_reduce(flags)  # SUM: gloo has no AVG
+        bad, total, stop = flags.tolist()
+        return bad == 0, int(total), stop > 0
+
+    def _zero_grad(self) -> None:
+        self._inner_optimizer.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self) -> None:
+        if not self._fast_path:
+            self.optimizer.step()
+        elif self.grad_scaler is not None:
+            self.grad_scaler.step(self._inner_optimizer)
+            self.grad_scaler.update()
+        else:
+            self._inner_optimizer.step()
