@@ -13,6 +13,8 @@ from typing import Any
 
 from . import __version__
 from .config import UserError, exit_on_user_error, load_yaml
+from .slurm import add_slurm_parser
+from .sweep import add_sweep_parser
 
 _PACKAGES = ("torch", "accelerate", "transformers", "peft", "datasets", "tokenizers", "safetensors", "deepspeed")
 
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max_bytes", type=int, default=0, help="read at most this much text (0: all)")
     for p in (gen, ev):
         p.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the model (off by default)")
+    # These set `handler`: main() calls it with the parsed arguments.
+    add_slurm_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_generate(args)
     if args.command == "evaluate":
         return run_evaluate(args)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     parser.print_help()
     return 2
 

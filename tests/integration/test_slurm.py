@@ -1,0 +1,201 @@
+"""acceltrain slurm: the 4x8 golden script, and real jobs on a one-node cluster (.ci/slurm-up.sh).
+
+The cluster tests submit through `acceltrain slurm submit` (so the rendered script is what
+runs), interrupt the training with `scancel --signal=USR1`, and check that the job saved,
+requeued itself from inside, resumed from that checkpoint and ended bit-identical to the same
+command run here without interruption. Without `sbatch` they skip, except in CI (CI=true),
+where a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from acceltrain.slurm import load_slurm_config, render_sbatch
+from tests.conftest import ROOT
+from tests.integration.test_pretrain import make_corpus
+
+GOLDEN = Path(__file__).parent / "golden" / "slurm_4x8.sbatch"
+SWEEP_SCRIPT = Path(__file__).parent / "scripts" / "sweep_echo.py"
+STEPS = 60
+# Big enough for ~0.1 s steps, so USR1 lands mid-run; small enough for a 2-core CI machine.
+SMALL = ["--d_model", "128", "--n_heads", "4", "--n_layers", "2", "--d_ff", "512", "--seq_len", "64",
+         "--batch_size", "32", "--vocab_size", "300", "--log_interval", "1", "--eval_interval", "20",
+         "--save_interval", "5", "--sample_tokens", "0", "--warmup_steps", "2"]
+
+
+def test_4x8_script_matches_the_golden_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(ROOT)
+    config = tmp_path / "slurm_4x8.yaml"
+    config.write_text("""
+job_name: pretrain-124m
+nodes: 4
+gpus_per_node: 8
+cpus_per_task: 64
+mem: 0
+time: 2-00:00:00
+partition: gpu
+account: my-project
+signal_seconds: 300
+output: logs/%x-%j.out
+sbatch: [--exclusive]
+env: {NCCL_DEBUG: WARN, OMP_NUM_THREADS: 8}
+setup: [source .venv/bin/activate]
+accelerate_config: accelerate_configs/multi_node.yaml
+script: recipes/pretrain.py
+script_args: [--config, recipes/configs/pretrain_124m.yaml, --output_dir, runs/124m]
+""")
+    text = render_sbatch(load_slurm_config(config))
+    if os.environ.get("ACCELTRAIN_WRITE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+# ---------------------------------------------------------------- a real cluster
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    problem = None
+    if shutil.which("sbatch") is None:
+        problem = "sbatch not found (apt-get install slurm-wlm munge, then run .ci/slurm-up.sh as root)"
+    else:
+        proc = subprocess.run(["sinfo", "--noheader", "-o", "%t"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0 or not re.search(r"idle|mix|alloc", proc.stdout):
+            problem = f"no SLURM node answers (run .ci/slurm-up.sh as root): {proc.stderr.strip() or proc.stdout}"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {problem}")
+        pytest.skip(problem)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "acceltrain.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def state(job: str) -> str:
+    """The job's state in the queue ('' once it left it)."""
+    proc = subprocess.run(["squeue", "--noheader", "--jobs", job, "--format", "%T"], capture_output=True, text=True,
+                          timeout=30)
+    return proc.stdout.strip()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+        time.sleep(0.2)
+
+
+def last_step(log: Path) -> int:
+    steps = re.findall(r"Step\s+(\d+)/", log.read_text()) if log.exists() else []
+    return max(map(int, steps), default=0)
+
+
+def job_env(tmp_path: Path) -> dict:
+    """What the job needs on top of the submitting shell's environment: the venv, one thread."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return {"setup": [f"source {activate}"] if activate.is_file() else [],
+            "env": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                    "ACCELTRAIN_CACHE": str(tmp_path / "cache")}}
+
+
+@pytest.mark.slow
+def test_usr1_saves_requeues_and_resumes_bit_identically(cluster, tmp_path: Path):
+    corpus = make_corpus(tmp_path / "docs.jsonl")
+    out, log = tmp_path / "slurm_run", tmp_path / "logs" / "job.out"
+    train = ["--dataset", str(corpus), "--max_steps", str(STEPS), *SMALL]
+    accelerate_config = str(ROOT / "accelerate_configs" / "cpu.yaml")
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump({
+        "job_name": "acceltrain-test-resume", "cpus_per_task": 1, "time": "10:00", "output": str(log),
+        "accelerate_config": accelerate_config, "script": str(ROOT / "recipes" / "pretrain.py"),
+        "script_args": ["--output_dir", str(out), *train], **job_env(tmp_path)}))
+    job = cli("slurm", "submit", "--config", str(tmp_path / "slurm.yaml")).stdout.strip()
+    assert job.isdigit(), job
+    reference = None
+    try:
+        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 180, log)
+        assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before it could be signalled"
+        # scancel itself, not `acceltrain slurm cancel` (tested with a fake scancel): the CLI's 3 s
+        # start-up would let this tiny run get too far.
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        # The same command here, uninterrupted (the job's tokenizer cache is complete by now).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELTRAIN_CACHE": str(tmp_path / "cache")}
+        launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+        reference = subprocess.Popen(
+            [launcher, "launch", "--num_machines", "1", "--machine_rank", "0", "--num_processes", "1",
+             "--config_file", accelerate_config, str(ROOT / "recipes" / "pretrain.py"),
+             "--output_dir", str(tmp_path / "reference"), *train, "--resume", "true"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # `scontrol requeue` from inside the job leaves it PENDING (BeginTime) for ~2 minutes.
+        wait_for("the requeued job to be pending", lambda: state(job) in ("PENDING", ""), 120, log)
+        assert state(job) == "PENDING", f"the job was not requeued\n{log.read_text()[-3000:]}"
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+        wait_for("the resumed job to finish", lambda: state(job) == "", 240, log)
+        ref_out, _ = reference.communicate(timeout=240)
+        assert reference.returncode == 0, ref_out[-3000:]
+    finally:
+        if state(job):
+            subprocess.run(["scancel", job], timeout=30)
+        if reference is not None and reference.poll() is None:
+            reference.kill()
+
+    text = log.read_text()
+    saved = re.search(rf"requeueing SLURM job {job} after the checkpoint at step (\d+)", text)
+    assert saved, text[-4000:]
+    k = int(saved.group(1))
+    assert 10 <= k < STEPS
+    assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
+    assert re.search(rf"resumed from \S*checkpoint_step_{k} at step {k}", text), text[-4000:]
+    assert f"Step {STEPS}/{STEPS}" in text and "Saved" in text
+    status = cli("slurm", "status", job).stdout
+    assert "COMPLETED" in status and "Restarts=1" in status, status
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_step_*"))
+    assert f"checkpoint_step_{STEPS}" in checkpoints
+    from safetensors.torch import load_file
+
+    got, want = (load_file(d / "final" / "model.safetensors") for d in (out, tmp_path / "reference"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_sweep_runs_as_a_job_array(cluster, tmp_path: Path):
+    sweep = tmp_path / "sweep.yaml"
+    slurm = {"cpus_per_task": 1, "time": "5:00", "resume": False, **job_env(tmp_path)}
+    sweep.write_text(yaml.safe_dump({
+        "script": str(SWEEP_SCRIPT), "grid": {"lr": [0.1, 0.2], "model.width": ["it's $(touch pwned)"]},
+        "naming": "sequential", "output_dir": str(tmp_path / "sweep"), "slurm": slurm}))
+    job = cli("sweep", str(sweep), "--slurm").stdout.strip()
+    assert job.isdigit(), job
+    try:
+        wait_for("the array job to finish", lambda: state(job) == "", 180)
+    finally:
+        if state(job):
+            subprocess.run(["scancel", job], timeout=30)
+    for index, lr in enumerate([0.1, 0.2]):
+        folder = tmp_path / "sweep" / f"run_{index:03d}"
+        log = (folder / "sweep_run.log").read_text()
+        assert f"sweep_echo: lr={lr}" in log, log[-3000:]
+        result = json.loads((folder / "result.json").read_text())
+        assert result["array_task"] == str(index)
+        assert result["config"]["model"] == {"width": "it's $(touch pwned)"}
+        assert result["argv"][:2] == ["--config", str(folder / "sweep_config.yaml")]
+        assert json.loads((folder / "sweep_run.json").read_text())["slurm_job"] == f"{job}_{index}"
+    assert not list(tmp_path.rglob("pwned")) and not (ROOT / "pwned").exists()
