@@ -65,18 +65,52 @@ def recipes_dir() -> Path:
     return path
 
 
-def run_train(config: str | None, overrides: list[str]) -> int:
-    """`acceltrain train --config FILE.yaml [--field value ...]`: run the recipe the file names."""
-    recipe = "pretrain"
-    if config:
-        recipe = str(load_yaml(config).get("recipe", recipe))
+def recipe_script(config: str | None) -> Path:
+    """The recipe file a YAML config names with its ``recipe:`` key (default: pretrain)."""
+    recipe = str(load_yaml(config).get("recipe", "pretrain")) if config else "pretrain"
     script = recipes_dir() / f"{recipe}.py"
     if not script.is_file():
         known = sorted(p.stem for p in recipes_dir().glob("*.py") if not p.stem.startswith("_"))
         raise UserError(f"{config}: recipe {recipe!r} does not exist; known recipes: {', '.join(known)}")
+    return script
+
+
+def run_train(config: str | None, overrides: list[str]) -> int:
+    """`acceltrain train --config FILE.yaml [--field value ...]`: run the recipe the file names."""
+    script = recipe_script(config)
     argv = (["--config", config] if config else []) + overrides
     sys.argv = [str(script), *argv]
     runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def run_lr_find(config: str | None, overrides: list[str], plot: str | None) -> int:
+    """`acceltrain lr-find --config FILE.yaml`: the LR range test on the recipe's own trainer.
+
+    Builds the recipe's trainer from the config (each recipe module names its classes in
+    ``RECIPE = (ConfigClass, TrainerClass)``), sweeps the LR with its forward, data and
+    optimizer, restores everything, prints the suggestion and saves the plot.
+    """
+    import importlib.util
+
+    from .config import parse_config
+
+    script = recipe_script(config)
+    spec = importlib.util.spec_from_file_location(f"acceltrain_recipe_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    config_cls, trainer_cls = module.RECIPE
+    cfg = parse_config(config_cls, (["--config", config] if config else []) + overrides, prog="acceltrain lr-find")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    trainer = trainer_cls(cfg)
+    trainer._build()
+    path = Path(plot) if plot else (trainer.workspace or Path(".")) / "lr_find.png"
+    lr = trainer.find_lr(plot=path)
+    if trainer.is_main_process:
+        print(f"suggested learning rate: {lr:.3g} (plot: {path})")
+    trainer.close()
     return 0
 
 
@@ -149,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, devices and Accelerate's view of the launch environment")
     train = sub.add_parser("train", help="run the recipe a YAML config names (no config: the pretraining demo)")
     train.add_argument("--config", help="a recipe YAML with a `recipe:` key (pretrain, causal_lm, classify)")
+    lr_find = sub.add_parser("lr-find", help="LR range test on the recipe a YAML config names")
+    lr_find.add_argument("--config", help="a recipe YAML (its fields can be overridden with flags)")
+    lr_find.add_argument("--plot", help="where to save the loss-vs-LR plot (default: output_dir/lr_find.png)")
     gen = sub.add_parser("generate", help="sample text from a model folder")
     gen.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. runs/pretrain/final)")
     gen.add_argument("--prompt", required=True)
@@ -178,13 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "lr-find"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "env":
         print(env_report())
         return 0
     if args.command == "train":
         return run_train(args.config, rest)
+    if args.command == "lr-find":
+        return run_lr_find(args.config, rest, args.plot)
     if args.command == "generate":
         return run_generate(args)
     if args.command == "evaluate":

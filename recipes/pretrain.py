@@ -264,6 +264,9 @@ def _sample(folder: Path, prompt: str, tokens: int, seed: int) -> str:
     return tok.decode(out[0], skip_special_tokens=True)
 
 
+RECIPE = (PretrainConfig, PretrainTrainer)  # for `acceltrain lr-find --config`
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(PretrainConfig, argv, prog="recipes/pretrain.py")

@@ -74,3 +74,16 @@ def test_train_with_an_unknown_recipe(tmp_path):
     config.write_text("recipe: nope\n")
     err = cli("train", "--config", str(config), expect=2).stderr
     assert "recipe 'nope' does not exist; known recipes:" in err and "pretrain" in err
+
+
+def test_lr_find_on_a_recipe_config(tmp_path):
+    corpus = make_corpus(tmp_path / "docs.jsonl")
+    config = tmp_path / "lr.yaml"
+    config.write_text(f"recipe: pretrain\ndataset: {corpus}\noutput_dir: {tmp_path / 'run'}\n")
+    out = cli("lr-find", "--config", str(config), *TINY, env={"ACCELTRAIN_CACHE": str(tmp_path / "cache")}).stdout
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("suggested learning rate: ")
+    assert 1e-5 < float(line.split(": ")[1].split()[0]) < 10
+    png = (tmp_path / "run" / "lr_find.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a range test trains nothing for real
