@@ -84,7 +84,7 @@ def run_train(config: str | None, overrides: list[str]) -> int:
     return 0
 
 
-def run_lr_find(config: str | None, overrides: list[str], plot: str | None) -> int:
+def run_lr_find(config: str | None, overrides: list[str], plot: str | None, num_steps: int) -> int:
     """`acceltrain lr-find --config FILE.yaml`: the LR range test on the recipe's own trainer.
 
     Builds the recipe's trainer from the config (each recipe module names its classes in
@@ -107,7 +107,7 @@ def run_lr_find(config: str | None, overrides: list[str], plot: str | None) -> i
     trainer = trainer_cls(cfg)
     trainer._build()
     path = Path(plot) if plot else (trainer.workspace or Path(".")) / "lr_find.png"
-    lr = trainer.find_lr(plot=path)
+    lr = trainer.find_lr(plot=path, num_steps=num_steps)
     if trainer.is_main_process:
         print(f"suggested learning rate: {lr:.3g} (plot: {path})")
     trainer.close()
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find = sub.add_parser("lr-find", help="LR range test on the recipe a YAML config names")
     lr_find.add_argument("--config", help="a recipe YAML (its fields can be overridden with flags)")
     lr_find.add_argument("--plot", help="where to save the loss-vs-LR plot (default: output_dir/lr_find.png)")
+    lr_find.add_argument("--num_steps", type=int, default=100, help="LR values tried between 1e-7 and 10")
     gen = sub.add_parser("generate", help="sample text from a model folder")
     gen.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. runs/pretrain/final)")
     gen.add_argument("--prompt", required=True)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return run_train(args.config, rest)
     if args.command == "lr-find":
-        return run_lr_find(args.config, rest, args.plot)
+        return run_lr_find(args.config, rest, args.plot, args.num_steps)
     if args.command == "generate":
         return run_generate(args)
     if args.command == "evaluate":

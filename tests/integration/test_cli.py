@@ -80,7 +80,7 @@ def test_lr_find_on_a_recipe_config(tmp_path):
     corpus = make_corpus(tmp_path / "docs.jsonl")
     config = tmp_path / "lr.yaml"
     config.write_text(f"recipe: pretrain\ndataset: {corpus}\noutput_dir: {tmp_path / 'run'}\n")
-    out = cli("lr-find", "--config", str(config), *TINY, env={"ACCELTRAIN_CACHE": str(tmp_path / "cache")}).stdout
+    out = cli("lr-find", "--config", str(config), "--num_steps", "40", *TINY, env={"ACCELTRAIN_CACHE": str(tmp_path / "cache")}).stdout
     line = out.strip().splitlines()[-1]
     assert line.startswith("suggested learning rate: ")
     assert 1e-5 < float(line.split(": ")[1].split()[0]) < 10
