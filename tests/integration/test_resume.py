@@ -77,6 +77,18 @@ def test_sigterm_at_step_boundary_resumes_bit_identically(uninterrupted, tmp_pat
     assert any(not torch.equal(at_k[name], final[name]) for name in final)
 
 
+def test_second_signal_during_the_save_does_not_corrupt_it(uninterrupted, tmp_path):
+    k = 5
+    run(tmp_path, "--max-steps", str(N), "--kill-at", str(k), "--interval", "100", "--second-signal",
+        expect=128 + signal.SIGTERM)
+    from acceltrain.checkpoint import verify_checkpoint
+
+    folder = (tmp_path / "checkpoints" / "checkpoint_latest").resolve()
+    assert folder.name == f"checkpoint_step_{k}" and verify_checkpoint(folder)["step"] == k
+    run(tmp_path, "--max-steps", str(N))
+    assert_identical_end(uninterrupted, tmp_path, k)
+
+
 def test_signal_inside_an_accumulation_window_finishes_the_window_then_saves(tmp_path, tmp_path_factory):
     a = tmp_path_factory.mktemp("uninterrupted_accum3")
     run(a, "--max-steps", str(N), "--accum", "3")

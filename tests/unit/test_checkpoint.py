@@ -221,3 +221,25 @@ print('ok')
     assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_signal_handlers_are_restored_after_training(tmp_path):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        hook = CheckpointingHook(interval=1, exit_signals=[signal.SIGTERM, signal.SIGUSR1])
+        seen = {}
+
+        class Peek(CheckpointingHook):
+            def on_after_step(self, trainer):
+                seen["during"] = signal.getsignal(signal.SIGUSR1)
+
+        ToyTrainer(max_steps=1, device="cpu", workspace=tmp_path, hooks=[hook, Peek(exit_signals=[], load=None)]).train()
+        assert seen["during"] is not mine  # ours while training
+        assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -366,3 +366,57 @@ def test_mean_of_micro_batch_means_differs_for_padded_batches():
     b = TokenTrainer(max_steps=4, gradient_accumulation_steps=1, batch_size=8, device="cpu")
     b.train()
     assert not torch.allclose(params(a.model)[0], params(b.model)[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the seed's Integration Example
+class IntegrationTrainer(BaseTrainer):
+    """The seed's Integration Example minus mini.config/mini.builder (plain dicts instead)."""
+
+    def __init__(self, data_cfg, model_cfg, optimizer_cfg, **kwargs):
+        super().__init__(**kwargs)
+        self.data_cfg = data_cfg
+        self.model_cfg = model_cfg
+        self.optimizer_cfg = optimizer_cfg
+
+    def build_data_loader(self):
+        x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+        dataset = torch.utils.data.TensorDataset(x, x[:, :4].argmax(1))
+        return torch.utils.data.DataLoader(dataset, batch_size=self.data_cfg["batch_size"], shuffle=True)
+
+    def build_model(self):
+        model = nn.Sequential(nn.Linear(16, self.model_cfg["hidden_size"]), nn.ReLU(),
+                              nn.Linear(self.model_cfg["hidden_size"], 4))
+        return model.to(self.device)
+
+    def build_optimizer(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.optimizer_cfg["lr"])
+
+    def forward(self, input):
+        x, y = input
+        x, y = x.to(self.device), y.to(self.device)
+        logits = self.model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean().item()
+        return loss, {"accuracy": acc}
+
+    def build_hooks(self):
+        from acceltrain import CheckpointingHook
+
+        return [
+            ProgressHook(interval=10, with_records=True),
+            CheckpointingHook(interval=1000, path=self.workspace / "checkpoints"),
+        ]
+
+
+def test_the_seeds_integration_example_runs(tmp_path):
+    config = {
+        "trainer": {"max_steps": 30, "grad_clip": 1.0, "mixed_precision": "bf16", "gradient_accumulation_steps": 4,
+                    "workspace": str(tmp_path / "experiment_1"), "device": "cpu"},
+        "data": {"batch_size": 32, "num_workers": 0},
+        "model": {"hidden_size": 128},
+        "optimizer": {"lr": 3e-3},
+    }
+    trainer = IntegrationTrainer(config["data"], config["model"], config["optimizer"], **config["trainer"])
+    trainer.train()
+    assert trainer.step == 30 and trainer.step_info["records"]["accuracy"] > 0.5
+    assert (tmp_path / "experiment_1" / "checkpoints" / "checkpoint_step_30" / "manifest.json").is_file()

@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--slow-save-at", type=int)
     ap.add_argument("--no-shuffle", action="store_true")
+    ap.add_argument("--second-signal", action="store_true", help="SIGTERM again in the middle of the save")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the CPU ranks (tests.helpers shim)")
     args = ap.parse_args()
 
@@ -134,6 +135,18 @@ def main() -> None:
             return original(folder, step, *rest, **kw)
 
         ckpt._write_manifest = slow_manifest
+
+    if args.second_signal:
+        import acceltrain.checkpoint as ckpt
+
+        original_rng_state = ckpt.rng_state
+
+        def rng_state_then_signal():  # runs inside save_checkpoint, between the files it writes
+            state = original_rng_state()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return state
+
+        ckpt.rng_state = rng_state_then_signal
 
     placement = {"device": "cpu"}
     if args.fsdp:
