@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoint_step_{N}``::
 
     model.safetensors       weights (safetensors: no code runs on load)
     optimizer.pt            optimizer state keyed by parameter name (loaded with weights_only=True)
-    trainer_state.pt        step, epoch, scheduler, scaler, hook states (weights_only=True)
-    rng_state_{rank}.pt     per-rank Python / NumPy / torch / CUDA generator states
+    trainer_state.pt        step, scheduler, scaler (weights_only=True)
+    rank_state_{rank}.pt    what differs per rank: Python / NumPy / torch / CUDA generator
+                            states, the data position and every hook's state
     manifest.json           written last: step, world size, every file with its size and CRC32
 
 Under FSDP2 the parameters are sharded DTensors: each rank writes its own
@@ -58,6 +59,7 @@ __all__ = [
 
 logger = logging.getLogger("acceltrain")
 MANIFEST = "manifest.json"
+_PER_RANK = ("hooks", "data")
 LATEST = "checkpoint_latest"
 _STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 _CRC_CHUNK = 1 << 24
@@ -308,7 +310,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     state = trainer.state_dict()
     rank = acc.process_index
     sharded = any(isinstance(v, DTensor) for v in state["model"].values())
-    names = [f"rng_state_{rank}.pt"]
+    names = [f"rank_state_{rank}.pt"]
     if sharded:
         # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
         # weights_only pickle); loading rebuilds the DTensors on the same mesh.
@@ -321,8 +323,11 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
         torch.save(state["optimizer"], tmp / "optimizer.pt")
     if acc.is_main_process:
         names.append("trainer_state.pt")
-        torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, tmp / "trainer_state.pt")
-    torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+        torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer", *_PER_RANK)},
+                   tmp / "trainer_state.pt")
+    # Hook states (interval sums, guard snapshots of FSDP shards) and the data position
+    # (this rank's next samples) are per rank: each rank keeps its own.
+    torch.save({"rng": rng_state(), **{k: state[k] for k in _PER_RANK}}, tmp / f"rank_state_{rank}.pt")
 
     handle = SaveHandle(final, None)
     args = (handle, tmp, final, rank, acc.num_processes, trainer.step, names,
@@ -393,6 +398,8 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
             "resume with the same number of processes"
         )
     state = _load(folder / "trainer_state.pt")
+    rank_state = _load(folder / f"rank_state_{acc.process_index}.pt")
+    state.update({k: rank_state[k] for k in _PER_RANK})
     if manifest.get("sharded"):
         rank = acc.process_index
         state["model"], state["optimizer"] = _reshard(
@@ -403,9 +410,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
         state["optimizer"] = _load(folder / "optimizer.pt")
         _restore_tied(trainer.unwrapped_model, state["model"])
     trainer.load_state_dict(state, strict_data=strict)
-    rng_file = folder / f"rng_state_{acc.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(_load(rng_file))
+    set_rng_state(rank_state["rng"])
     return manifest
 
 

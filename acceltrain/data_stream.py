@@ -6,7 +6,9 @@ workers, but the order is a seeded permutation per epoch, sharded by rank. Its s
 in samples, so resuming at step 10,000 costs what resuming at step 10 does: the epoch's order
 is computed once and sliced, and no skipped sample is read. The loader gets its own generator,
 re-seeded every epoch, so creating an iterator (which draws the workers' base seed) never
-touches the global RNG that dropout uses.
+touches the global RNG that dropout uses. Randomness *inside* DataLoader workers (random
+augmentations in ``__getitem__``) is not restored mid-epoch: seed it from the sample index for
+exact resume.
 
 Anything else (iterable datasets, custom samplers, plain iterables) is resumed by reading and
 dropping the consumed batches, with a progress message.
@@ -83,7 +85,8 @@ class DataPosition:
         self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
     def consumed(self, batch_size: int) -> None:
-        self.samples_in_epoch += batch_size
+        # A short last batch (drop_last=False) must not push the position past the epoch's end.
+        self.samples_in_epoch = min(self.samples_in_epoch + batch_size, self.sampler.num_samples)
 
     def next_indices(self) -> list[int]:
         order = self.sampler.epoch_order(self.epoch)

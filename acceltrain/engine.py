@@ -64,6 +64,9 @@ class GradientOps:
             if self.grad_clip is not None:
                 return torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip, foreach=True)
             return torch.nn.utils.get_total_norm(grads, foreach=True)
+        if not unscale and self.grad_scaler is not None:
+            # A re-clip after rescaling: Accelerate's clip would unscale a second time.
+            return torch.nn.utils.clip_grad_norm_(self._trainable, self.grad_clip or math.inf)
         # FSDP / DeepSpeed: Accelerate knows how to reduce sharded norms (and unscales once).
         norm = self.accelerator.clip_grad_norm_(self._trainable, self.grad_clip or math.inf)
         if norm is None:  # DeepSpeed before its first step

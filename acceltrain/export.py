@@ -94,5 +94,7 @@ class ExportHook(BaseHook):
             save_pretrained(trainer, self._root(trainer) / f"step_{trainer.step}", merge_lora=self.merge_lora)
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
-        if trainer.step == trainer.max_steps:
+        # Finished, or stopped early on purpose (early stopping); not when preempted.
+        preempted = (trainer.stop_reason or "").startswith("signal")
+        if trainer.step == trainer.max_steps or (trainer.should_stop and not preempted):
             save_pretrained(trainer, self._root(trainer), merge_lora=self.merge_lora)

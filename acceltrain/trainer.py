@@ -173,8 +173,13 @@ class BaseTrainer(GradientOps):
 
     def evaluation_step(self, batch: Any) -> dict[str, Any]:
         """Metrics of one evaluation batch, each a mean over its samples (default: ``forward``'s
-        loss and records). Runs under ``no_grad``, autocast and ``model.eval()``."""
+        loss and records; with ``count_loss_items`` the loss sum divided by the batch's items).
+        Runs under ``no_grad``, autocast and ``model.eval()``; override it for metrics that must
+        be weighted by items rather than samples (the causal-LM recipe's token perplexity)."""
         loss, records = self.forward(batch)
+        if loss is not None and self._items_mode:
+            # forward returns sums in this mode: report the batch's mean per item.
+            loss = loss / max(float(self.count_loss_items(batch)), 1.0)
         return {**records, "loss": loss} if loss is not None else dict(records)
 
     def evaluate(self) -> dict[str, float]:
@@ -217,6 +222,7 @@ class BaseTrainer(GradientOps):
                 self.accelerator.wait_for_everyone()
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+            self._call_hook("on_teardown")  # also after an exception: hooks release what they hold
         if self.exit_code is not None:
             raise SystemExit(self.exit_code)
 
@@ -529,12 +535,14 @@ class BaseTrainer(GradientOps):
                 why = "non-finite gradients"
             self._zero_grad()
             skipped.extend(positions)
-            if self.grad_scaler is not None and total > 0 and backoffs < _MAX_SCALER_BACKOFFS:
-                # fp16 overflow: the scaler lowers its scale and the step is redone; this is
-                # the scaler's routine, not a fault, so it spends no retry.
+            if self.grad_scaler is not None and total > 0:
+                # The scaler unscaled this attempt's gradients: update() closes its bookkeeping
+                # (and lowers the scale). An fp16 overflow is the scaler's routine, not a
+                # fault, so the first _MAX_SCALER_BACKOFFS of them spend no retry.
                 self.grad_scaler.update()
                 backoffs += 1
-                continue
+                if backoffs <= _MAX_SCALER_BACKOFFS:
+                    continue
             retries += 1
             self.logger.warning(
                 "step %d: %s (batches %s); retry %d of %d",
@@ -569,6 +577,8 @@ class BaseTrainer(GradientOps):
         self._skip_reason = None
         self._call_hook("on_before_optimizer_step")
         if self._skip_reason is not None:  # a hook vetoed this update (e.g. a loss spike)
+            if self.grad_scaler is not None:
+                self.grad_scaler.update()  # its unscale_() of this step must be closed
             self._zero_grad()
             return
         if not self._deepspeed:  # the engine applied the update in _deepspeed_step
@@ -580,12 +590,29 @@ class BaseTrainer(GradientOps):
         if self._data.exhausted:
             self.request_stop("data exhausted")
         info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
-        info["records"] = records[0] if len(records) == 1 else key_average(records)
+        info["records"] = records[0] if len(records) == 1 else _mean_records(records)
         info["non_finite_retries"] = retries
         info["skipped_batches"] = skipped
         info["data_time"] = data_time
         info["step_time"] = time.perf_counter() - t_start
         self._call_hook("on_after_step")
+
+
+def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """key_average without host syncs: tensor values are averaged as tensors."""
+    keys: dict[str, list[Any]] = {}
+    for rec in records:
+        for key, value in rec.items():
+            keys.setdefault(key, []).append(value)
+    out: dict[str, Any] = {}
+    for key, values in keys.items():
+        if all(isinstance(v, dict) for v in values):
+            out[key] = _mean_records(values)
+        elif all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
+            out[key] = torch.stack([v.detach().reshape(()).float() for v in values]).mean()
+        else:
+            out.update(key_average([{key: v} for v in values]))
+    return out
 
 
 def _destroy_process_group() -> None:

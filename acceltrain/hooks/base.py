@@ -19,6 +19,7 @@ EVENTS = (
     "on_state_dict",
     "on_load_state_dict",
     "on_after_train",
+    "on_teardown",
 )
 
 
@@ -53,6 +54,7 @@ class BaseHook:
                 trainer.step += 1
                 on_after_step(trainer)                           # step_info complete
             on_after_train(trainer)
+        finally: on_teardown(trainer)                    # also when training raised
 
         trainer.log(records)         -> on_log(trainer, records, dry_run)
         trainer.log_images(records)  -> on_log_images(trainer, records, dry_run)
@@ -76,6 +78,10 @@ class BaseHook:
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
         """Once, after the last step (also after an early stop), before the trainer closes."""
+
+    def on_teardown(self, trainer: BaseTrainer) -> None:
+        """Last, whether training finished or raised: release what the hook holds (handlers,
+        files). Do not enter collectives here: after an exception other ranks may be gone."""
 
     def on_before_step(self, trainer: BaseTrainer) -> None:
         """Before the first micro-batch of a step; ``trainer.step`` is the number of steps done."""

@@ -220,6 +220,21 @@ class CheckpointingHook(BaseHook):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
 
+    def on_teardown(self, trainer: BaseTrainer) -> None:
+        self._restore_signals()  # after an exception too: Ctrl-C must work again
+
+    def on_before_step(self, trainer: BaseTrainer) -> None:
+        if trainer.step < self._last_saved:
+            # A rollback (GuardHook) went back past our last save: the checkpoints after this
+            # step hold the abandoned trajectory; retire them so neither resume nor retention
+            # prefers them, and let the redone steps be saved again.
+            self.wait()
+            if trainer.is_main_process:
+                for folder in list_checkpoints(self.root(trainer)):
+                    if checkpoint_step(folder) > trainer.step:
+                        shutil.rmtree(folder)
+            self._last_saved = -1
+
     def on_after_train(self, trainer: BaseTrainer) -> None:
         try:
             if trainer.step != self._last_saved and (self._signal is not None or trainer.should_stop):

@@ -49,8 +49,8 @@ class LoggingHook(BaseHook):
     """Every ``interval`` steps: average the step figures, reduce them across ranks, call
     ``trainer.log(records)``.
 
-    The sums and counts of the interval are kept as device tensors, so a step that does not log
-    synchronises nothing. ``sync=True`` reduces them across ranks with one all-reduce of sums
+    The sums and counts of the interval are kept as device tensors, so the hook adds no device
+    sync on a step that does not log (the trainer's one per-step sync is its non-finite check). ``sync=True`` reduces them across ranks with one all-reduce of sums
     (gloo has no AVG). On its own ``on_log`` it forwards the records to Accelerate's trackers
     (TensorBoard under ``workspace/tensorboard`` unless ``tensorboard=False``) and appends a
     line to ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.

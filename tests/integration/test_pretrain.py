@@ -120,7 +120,7 @@ def test_two_processes(tmp_path, corpus):
     assert len(got) == 8 and got[-1] < got[0]
     assert (out / "final" / "model.safetensors").is_file()
     manifest = json.loads((out / "checkpoints" / "checkpoint_step_8" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and {"rng_state_0.pt", "rng_state_1.pt"} <= set(manifest["files"])
+    assert manifest["world_size"] == 2 and {"rank_state_0.pt", "rank_state_1.pt"} <= set(manifest["files"])
 
 
 def test_resume_after_the_run_continues(tiny_run, corpus, tmp_path):

@@ -130,20 +130,27 @@ def test_changed_data_is_caught_by_the_resume_self_check(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: resume self-check failed")
 
 
-@pytest.mark.multiproc
-def test_two_ranks_signal_on_one_rank_resume_bit_identically(tmp_path_factory):
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tmp_path_factory):
     a = tmp_path_factory.mktemp("ddp_uninterrupted")
     torchrun(SCRIPT, str(a), "--max-steps", str(N))
-    b = tmp_path_factory.mktemp("ddp_interrupted")
-    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), "--kill-at", "5", "--kill-rank", "1", check=False)
+    return a
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("kill_at", [3, 5])  # saved at 4 (mid-epoch) and at 6 (an epoch's end)
+def test_two_ranks_signal_on_one_rank_resume_bit_identically(ddp_uninterrupted, tmp_path, kill_at):
+    a, b = ddp_uninterrupted, tmp_path
+    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), "--kill-at", str(kill_at), "--kill-rank", "1", check=False)
     assert proc.returncode != 0
-    # The signal reached rank 1 after step 5; the ranks agree on it in step 6's collective,
-    # finish step 6 together and both save step 6.
-    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == "checkpoint_step_6"
+    # The signal reached rank 1 after step kill_at; the ranks agree on it in the next step's
+    # collective, finish that step together and both save it.
+    saved = kill_at + 1
+    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{saved}"
     assert re.search(rf"exitcode\s*:\s*{128 + signal.SIGTERM}", proc.stderr), proc.stderr[-3000:]
     torchrun(SCRIPT, str(b), "--max-steps", str(N))
     for rank in (0, 1):
-        assert_identical_end(a, b, 6, rank)
+        assert_identical_end(a, b, saved, rank)
     # The two ranks saw disjoint samples.
     s0, s1 = steps(a, 0), steps(a, 1)
     assert not set(s0[1]["indices"]) & set(s1[1]["indices"])

@@ -39,7 +39,7 @@ def test_folder_layout_and_manifest(tmp_path):
     folder = tmp_path / "checkpoints" / "checkpoint_step_2"
     manifest = verify_checkpoint(folder)
     assert manifest["step"] == 2 and manifest["world_size"] == 1
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rng_state_0.pt"}
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rank_state_0.pt"}
     assert {"torch", "accelerate", "transformers", "acceltrain"} <= set(manifest["versions"])
 
 
@@ -243,3 +243,16 @@ def test_signal_handlers_are_restored_after_training(tmp_path):
         assert signal.getsignal(signal.SIGUSR1) is mine and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_handlers_are_restored_when_training_raises(tmp_path):
+    import signal
+
+    class Boom(ToyTrainer):
+        def forward(self, input):
+            raise RuntimeError("boom")
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RuntimeError, match="boom"):
+        Boom(max_steps=2, device="cpu", workspace=tmp_path, hooks=[CheckpointingHook(interval=1)]).train()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -127,3 +127,21 @@ def test_unseeded_process_gets_a_working_agreed_seed():
     t.train()
     assert t._data.position.seed == seed % 2**62
     assert sorted(t.seen[:64]) == list(range(64))
+
+
+def test_resume_after_a_short_last_batch():
+    """10 samples, batch 4, drop_last=False: the position must not run past the epoch."""
+
+    class Short(IndexTrainer):
+        def build_data_loader(self):
+            ds = torch.utils.data.TensorDataset(*regression_data(10).tensors, torch.arange(10))
+            return torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+    full = Short(max_steps=6, device="cpu")
+    full.train()
+    first = Short(max_steps=3, device="cpu")
+    first.train()
+    second = Short(max_steps=6, device="cpu")
+    second.load_state_dict(first.state_dict())
+    second.train()
+    assert first.seen + second.seen == full.seen

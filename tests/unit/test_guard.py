@@ -103,3 +103,31 @@ def test_guard_survives_where_the_plain_trainer_raises():
     t.train()
     assert t.step == 8 and guard.rollbacks == 1
     assert all(torch.isfinite(p).all() for p in params(t.model))
+
+
+def test_a_vetoed_step_closes_the_grad_scalers_bookkeeping():
+    """fp16 path on a CPU GradScaler: after a guard skip the next step must be able to unscale."""
+
+    class Scaled(SpikeAt):
+        def build_grad_scaler(self):
+            return torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    guard = GuardHook(spike_threshold=10, min_history_len=3, skips_before_rollback=1)
+    t = Scaled({5}, max_steps=8, device="cpu", hooks=[guard])
+    t.train()
+    assert t.step == 8 and [e["kind"] for e in guard.events] == ["skip"]
+
+
+def test_rollback_retires_checkpoints_of_the_abandoned_steps(tmp_path):
+    from acceltrain import CheckpointingHook
+
+    guard = GuardHook(spike_threshold=10, min_history_len=3, state_update_interval=4, skips_before_rollback=0)
+    ckpt = CheckpointingHook(interval=1, keep_previous=1, exit_signals=[])
+    t = SpikeAt({9}, max_steps=12, device="cpu", workspace=tmp_path, hooks=[guard, ckpt])
+    t.train()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_12"]
+    from safetensors.torch import load_file
+
+    saved = load_file(root / "checkpoint_step_12" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in t.unwrapped_model.state_dict().items())
