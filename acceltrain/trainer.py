@@ -496,6 +496,14 @@ class BaseTrainer(GradientOps):
                 if rec:
                     records.append(rec)
                 if loss is None:
+                    if self._use_no_sync and micro == len(batches) - 1 and contributed:
+                        # Gradients of this window were accumulated under no_sync and only the
+                        # last backward would all-reduce them: stepping now would let replicas drift.
+                        raise ValueError(
+                            f"step {self.step + 1}: forward() returned None on the last micro-batch of an "
+                            "accumulation window after earlier ones returned a loss; under DDP/FSDP the "
+                            "gradients are synchronised by that last backward: return a zero loss there "
+                            "(e.g. 0 * output.sum()) instead of None")
                     continue
                 if self._deepspeed:
                     # The engine divides by its gradient_accumulation_steps (= k) itself.

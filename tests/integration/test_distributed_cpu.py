@@ -94,3 +94,10 @@ def test_guard_spike_on_one_rank_rolls_back_both(tmp_path):
     assert r0["params"] == r1["params"] and r0["step"] == r1["step"] == 10
     for r in (r0, r1):
         assert [(e["kind"], e["from_step"], e["to_step"]) for e in r["guard_events"]] == [("rollback", 7, 4)]
+
+
+def test_none_on_the_syncing_micro_batch_is_an_error_not_drift(tmp_path):
+    proc = torchrun(SCRIPT, "none_last", str(tmp_path), "--accum", "2", check=False, timeout=180)
+    assert proc.returncode != 0
+    for r in _results(tmp_path):
+        assert r["step"] == 0 and "returned None on the last micro-batch" in r["error"]

@@ -58,7 +58,7 @@ class NaNOnRank(ToyTrainer):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -87,6 +87,13 @@ def main() -> None:
         guard = GuardHook(spike_threshold=10, min_history_len=3, state_update_interval=4, skips_before_rollback=0)
         trainer = SpikeOnRank1(**{**common, "max_steps": 10, "hooks": [counter, keep, guard]})
         trainer.guard = guard
+    elif args.mode == "none_last":
+        class NoneOnLast(ToyTrainer):
+            def forward(self, input):
+                self.calls = getattr(self, "calls", 0) + 1
+                return (None, {}) if self.calls % 2 == 0 else super().forward(input)
+
+        trainer = NoneOnLast(**common)
     elif args.mode == "eval":
         trainer = EvalTrainer(**common)
     elif args.mode == "nan":
@@ -96,7 +103,7 @@ def main() -> None:
     error = None
     try:
         trainer.train()
-    except NonFiniteError as e:
+    except (NonFiniteError, ValueError) as e:
         error = str(e)
     rank = trainer.accelerator.process_index
     metrics = trainer.evaluate() if args.mode == "eval" else None
