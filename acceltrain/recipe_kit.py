@@ -1,18 +1,33 @@
-"""Pieces the recipes share: output-folder safety, caches, precision, optimizer groups, model cards."""
+"""Pieces the recipes share: output-folder safety, caches, precision, optimizer groups, model cards,
+the common config fields, model loading checks, LoRA, exact gathered evaluation and samples."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .checkpoint import list_checkpoints
-from .config import UserError
+from .config import ConfigError, UserError
+from .hooks.base import BaseHook
 
-__all__ = ["cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card"]
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from .trainer import BaseTrainer
+
+__all__ = [
+    "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
+    "TrainingConfig", "LoraFields", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
+    "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
+    "generate_sample", "SampleHook",
+]
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -75,8 +90,342 @@ def adamw_with_decay_groups(model: torch.nn.Module, *, lr: float, weight_decay: 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def model_card(*, title: str, summary: str, facts: dict[str, Any], usage: str) -> str:
-    """A README.md for an exported model: what it is, a table of facts, how to load it."""
+def model_card(*, title: str, summary: str, facts: dict[str, Any], usage: str,
+               library_name: str = "transformers", base_model: str | None = None) -> str:
+    """A README.md for an exported model: what it is, a table of facts, how to load it.
+
+    ``library_name="peft"`` and ``base_model`` mark a LoRA adapter folder the way the Hub expects."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
-    return (f"---\nlibrary_name: transformers\ntags: [acceltrain]\n---\n\n# {title}\n\n{summary}\n\n"
+    base = f"base_model: {base_model}\n" if base_model else ""
+    return (f"---\nlibrary_name: {library_name}\n{base}tags: [acceltrain]\n---\n\n# {title}\n\n{summary}\n\n"
             f"| | |\n|---|---|\n{rows}\n\n## Usage\n\n```python\n{usage.strip()}\n```\n")
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded shuffle of ``range(n)`` cut into ``(train, held out)``; at least one of each.
+
+    Raises:
+        UserError: fewer than two examples.
+    """
+    import random
+
+    if n < 2:
+        raise UserError(f"{n} example(s): a train/evaluation split needs at least 2")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# ---------------------------------------------------------------------------- config fields
+@dataclass
+class TrainingConfig:
+    """The fields every fine-tuning recipe shares: run folder, step loop, schedule, logs, checkpoints.
+
+    A recipe's config subclasses it (and :class:`LoraFields`) and redefines a field to change its
+    default, so every recipe spells the same setting the same way on the command line and in YAML.
+    """
+
+    output_dir: str = field(default="runs/run", metadata={"help": "Run folder: checkpoints, logs, final/"})
+    batch_size: int = field(default=16, metadata={"help": "Examples per micro-batch per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak (cosine floor)"})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip"})
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
+        "help": "auto: bf16 on GPUs that support it, fp32 on CPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
+    eval_interval: int = field(default=50, metadata={"help": "Steps between evaluations (and at the end)"})
+    log_interval: int = field(default=10, metadata={"help": "Steps between progress lines and log records"})
+    save_interval: int = field(default=50, metadata={"help": "Steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints to keep"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    seed: int = field(default=0, metadata={"help": "Seed for new weights, data order and dropout"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run Python code shipped with a Hub model"})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
+
+    def validate_training(self) -> None:
+        """Raise ConfigError for a count below 1 or a learning rate out of range."""
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_interval", "log_interval",
+                     "save_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.num_workers < 0:
+            raise ConfigError("warmup_steps and num_workers must be >= 0")
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The ``BaseTrainer`` arguments these fields decide."""
+        return dict(max_steps=self.max_steps, grad_clip=self.grad_clip, max_non_finite_grad_retries=3,
+                    mixed_precision=choose_precision(self.mixed_precision),
+                    gradient_accumulation_steps=self.gradient_accumulation_steps, workspace=self.output_dir,
+                    data_seed=self.seed)
+
+
+@dataclass
+class LoraFields:
+    """LoRA through ``peft``: off while ``lora_r`` is 0."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight instead"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (the update is alpha/r * BA)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Comma-separated module names (q_proj,v_proj; GPT-2: c_attn) or all-linear (every linear "
+                "layer but the output head)"})
+    merge_lora: bool = field(default=False, metadata={
+        "help": "Also export the base with the adapter merged in, as a plain model in output_dir/merged"})
+
+    def validate_lora(self) -> None:
+        """Raise ConfigError for a negative rank or dropout outside [0, 1)."""
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.merge_lora and not self.lora_r:
+            raise ConfigError("merge_lora needs LoRA (lora_r >= 1): a full fine-tune is already a plain model")
+
+
+def check_eval_source(dataset: str | None, eval_dataset: str | None, eval_split: str | None) -> None:
+    """Refuse evaluation settings that would not mean what they say.
+
+    Raises:
+        ConfigError: ``eval_dataset``/``eval_split`` without ``dataset`` (the built-in tasks hold
+            out their own evaluation set), or ``eval_split`` for a local ``dataset`` (local files
+            have no splits: that would evaluate on the training file itself).
+    """
+    if dataset is None and (eval_dataset or eval_split):
+        raise ConfigError("eval_dataset and eval_split need --dataset: the built-in task holds out its own evaluation set")
+    if eval_split and not eval_dataset and Path(dataset).expanduser().exists():
+        raise ConfigError(f"eval_split {eval_split!r} names a Hub split, but --dataset {dataset} is a local path "
+                          "(no splits): pass --eval_dataset FILE")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_steps: int,
+                  min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak (transformers' schedule)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio)
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the per-file progress bars of ``datasets`` and ``transformers`` (reading a table,
+    loading or writing weights): in logs they are noise between the recipe's own lines."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def write_run_config(workspace: Path, cfg: Any) -> None:
+    """Write the resolved config as ``workspace/config.yaml`` (call on the main process)."""
+    import yaml
+
+    from .config import config_to_dict
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------- models
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+               "ForMultipleChoice", "ForImageClassification")
+_KINDS = {
+    "causal_lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model"),
+    "classifier": ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                   "a sequence classifier"),
+}
+
+
+def resolve_model(name: str, *, kind: Literal["causal_lm", "classifier"], trust_remote_code: bool = False,
+                  missing_hint: str | None = None) -> tuple[str, PretrainedConfig]:
+    """Check ``--model`` before anything heavy: a local folder or a Hub id whose config fits ``kind``.
+
+    Returns ``(source, config)`` where ``source`` is an absolute folder path (so adapters and
+    model cards name the base unambiguously) or the Hub id.
+
+    Raises:
+        UserError: a missing folder (with ``missing_hint``), a file, a folder without
+            ``config.json`` (an adapter-only folder is named as such), an unloadable Hub id, a
+            model type transformers has no ``kind`` class for, or, for ``"causal_lm"``, a folder
+            holding a task head (e.g. ``BertForSequenceClassification``), whose LM head would
+            start from random.
+    """
+    auto_class, mapping_name, what = _KINDS[kind]
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {name}: is a file; expected a Hugging Face model folder or Hub id")
+        if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise UserError(f"--model {name}: holds a LoRA adapter, not a model; pass its base model "
+                                "(named in adapter_config.json) or a merged export")
+            raise UserError(f"--model {name}: not a Hugging Face model folder (no config.json)")
+        source = str(path.resolve())
+    elif name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UserError(f"--model {name}: no such folder" + (f"; {missing_hint}" if missing_hint else ""))
+    else:
+        source = name
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "its config.json does not load" if path.exists() else "not a local folder, and the Hub gave"
+        raise UserError(f"--model {name}: {where}: {first}") from None
+    remote = auto_class in (getattr(config, "auto_map", None) or {}) and trust_remote_code
+    if config.model_type not in getattr(modeling_auto, mapping_name) and not remote:
+        raise UserError(f"--model {name}: transformers has no {auto_class} for model type "
+                        f"{config.model_type!r}; this recipe needs {what}")
+    archs = list(getattr(config, "architectures", None) or [])
+    if kind == "causal_lm" and archs and all(a.endswith(_TASK_HEADS) for a in archs):
+        raise UserError(f"--model {name}: holds a {archs[0]}, not a language model (its LM head would "
+                        "start from random); pass a causal LM or a base model")
+    return source, config
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward, non-reentrant: the variant that works under DDP/FSDP and
+    with frozen inputs (LoRA), so no ``enable_input_require_grads`` trick is needed."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed the method
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)})
+
+
+def apply_lora(model: torch.nn.Module, fields: LoraFields, *, task_type: str) -> torch.nn.Module:
+    """Wrap ``model`` in a ``peft`` LoRA model; only the adapter (and, for ``SEQ_CLS``, the new
+    classification head, which peft marks ``modules_to_save``) stays trainable.
+
+    Every name in ``lora_target_modules`` must match a module (peft's rule: the full name or its
+    last components), so a typo fails here instead of adapting fewer layers than asked.
+
+    Raises:
+        ConfigError: a name that matches nothing (the message lists the linear layers), or a
+            target peft cannot adapt.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = fields.lora_target_modules.strip()
+    if targets != "all-linear":
+        names = [t.strip() for t in str(targets).split(",") if t.strip()]
+        modules = [n for n, _ in model.named_modules()]
+        unmatched = [t for t in names if not any(m == t or m.endswith("." + t) for m in modules)]
+        if not names or unmatched:
+            raise ConfigError(f"lora_target_modules: {', '.join(unmatched) or repr(targets)} matches no module of "
+                              f"{type(model).__name__}; its linear layers: {', '.join(_linear_names(model))}")
+        targets = names
+    config = LoraConfig(r=fields.lora_r, lora_alpha=fields.lora_alpha, lora_dropout=fields.lora_dropout,
+                        target_modules=targets, task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError and unsupported layer types
+        raise ConfigError(f"lora_target_modules {fields.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
+
+
+def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (each shared tensor counted once)."""
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    return sum(p.numel() for p in seen.values() if p.requires_grad), total
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def gather_eval_outputs(trainer: BaseTrainer, step: Callable[[Any], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-sample outputs over the exact evaluation set, gathered from every rank.
+
+    For metrics that are not means of per-batch values (macro-F1 needs every prediction).
+    ``step(batch)`` returns tensors whose first dimension is the batch. Each rank's share of the
+    set is ``ceil(N / world)`` samples long (:mod:`acceltrain.evaluation` pads the tail with
+    samples flagged invalid), so the all-gather needs no padding of its own; the invalid rows are
+    dropped after it. Every rank must call this and gets the same ``N`` rows, ordered by rank.
+    """
+    loader = trainer.eval_data_loader
+    if loader is None:
+        raise RuntimeError("gather_eval_outputs() needs build_eval_data_loader() to return a DataLoader")
+    from accelerate.utils import send_to_device
+
+    model, acc = trainer.model, trainer.accelerator
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    masks: list[torch.Tensor] = []
+    try:
+        for valid, batch in loader:
+            with acc.autocast():
+                out = step(send_to_device(batch, trainer.device))
+            for key, value in out.items():
+                parts.setdefault(key, []).append(value.detach())
+            masks.append(valid.to(trainer.device, torch.int64))  # gloo cannot all-gather bool
+    finally:
+        model.train(was_training)
+    keep = acc.gather(torch.cat(masks)).bool()
+    return {key: acc.gather(torch.cat(values))[keep] for key, values in parts.items()}
+
+
+def load_checkpoint_weights(trainer: BaseTrainer, folder: Path) -> None:
+    """Load only the model weights of a checkpoint folder (verified first) into the running model:
+    the optimizer, schedule and data position stay as they are. Every rank must call it."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .checkpoint import _restore_tied, verify_checkpoint
+
+    verify_checkpoint(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    _restore_tied(trainer.unwrapped_model, weights)
+    set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_sample(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """The greedy continuation of ``prompt`` (new text only). Greedy keeps ranks in lockstep, so
+    every rank can call it when forwards are collective (FSDP)."""
+    was_training = model.training
+    model.eval()
+    try:
+        enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class SampleHook(BaseHook):
+    """Print a short greedy continuation of ``prompt`` every ``interval`` steps and after the last.
+
+    Every rank generates (FSDP forwards are collective); only the main process prints.
+
+    Example:
+        >>> SampleHook(tokenizer, "def add(a, b):", max_new_tokens=32, interval=100)
+    """
+
+    def __init__(self, tokenizer: Any, prompt: str, *, max_new_tokens: int = 32, interval: int = 100):
+        self.tokenizer, self.prompt, self.max_new_tokens, self.interval = tokenizer, prompt, max_new_tokens, interval
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        if trainer.step % self.interval and trainer.step != trainer.max_steps:
+            return
+        text = generate_sample(trainer.unwrapped_model, self.tokenizer, self.prompt, self.max_new_tokens)
+        if trainer.is_main_process:
+            print(f"Sample {trainer.step}/{trainer.max_steps}: {self.prompt!r} -> {text!r}", flush=True)

@@ -31,7 +31,7 @@ from acceltrain import (
     format_params,
     seed_everything,
 )
-from acceltrain.config import ConfigError, config_to_dict, exit_on_user_error, parse_config
+from acceltrain.config import ConfigError, exit_on_user_error, parse_config
 from acceltrain.data import (
     load_texts,
     load_tokenizer,
@@ -47,6 +47,8 @@ from acceltrain.recipe_kit import (
     choose_precision,
     guard_output_dir,
     model_card,
+    warmup_cosine,
+    write_run_config,
 )
 
 
@@ -174,11 +176,8 @@ class PretrainTrainer(BaseTrainer):
         return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def build_lr_scheduler(self):
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.cfg.max_steps,
-            min_lr_rate=self.cfg.min_lr_ratio)
+        return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
+                             min_lr_ratio=self.cfg.min_lr_ratio)
 
     def build_hooks(self):
         cfg = self.cfg
@@ -279,10 +278,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
               f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
               f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out")
-        trainer.workspace.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (trainer.workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        write_run_config(trainer.workspace, cfg)
     trainer.train()
     final = trainer.finish()
     trainer.close()
