@@ -23,6 +23,7 @@ folder without a valid manifest is torn and never loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 from .config import UserError
-from .utils import map_nested_tensor
+from .utils import dedupe_tensors, map_nested_tensor
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
@@ -310,6 +311,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     state = trainer.state_dict()
     rank = acc.process_index
     sharded = any(isinstance(v, DTensor) for v in state["model"].values())
+    frozen = _frozen(trainer.unwrapped_model)
     names = [f"rank_state_{rank}.pt"]
     if sharded:
         # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
@@ -319,7 +321,14 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
         torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
     elif acc.is_main_process:
         names += ["model.safetensors", "optimizer.pt"]
-        save_model(trainer.unwrapped_model, str(tmp / "model.safetensors"))
+        model = trainer.unwrapped_model
+        if frozen:
+            # Frozen weights (a LoRA base) come back from build_model on resume: store only
+            # what trains, so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
+            weights = {k: v for k, v in model.state_dict().items() if k not in frozen}
+            save_file(dedupe_tensors(weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(state["optimizer"], tmp / "optimizer.pt")
     if acc.is_main_process:
         names.append("trainer_state.pt")
@@ -331,7 +340,8 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
 
     handle = SaveHandle(final, None)
     args = (handle, tmp, final, rank, acc.num_processes, trainer.step, names,
-            {"sharded": sharded, **(extra or {})}, on_complete, timeout)
+            {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen) if frozen and not sharded
+             else None, **(extra or {})}, on_complete, timeout)
     if background:
         handle._thread = threading.Thread(target=_finish, args=args, name="acceltrain-checkpoint", daemon=True)
         handle._thread.start()
@@ -347,6 +357,28 @@ def _load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling refusal or corruption names the file
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
+    """Names, shapes and dtypes of the frozen parameters (not their values: hashing a 7B base
+    at every save would cost more than the save)."""
+    shapes = {n: [list(p.shape), str(p.dtype)] for n, p in model.named_parameters(remove_duplicate=False) if n in frozen}
+    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def add_frozen_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], digest: str, folder: Path) -> None:
+    """Complete a checkpoint saved without frozen parameters from the live (same) base model."""
+    frozen = _frozen(model)
+    if _frozen_digest(model, frozen) != digest:
+        raise CheckpointError(f"{folder}: saved without its frozen (base) parameters, and this run's frozen "
+                              "parameters differ from that run's; build the same base model to resume")
+    live = model.state_dict()
+    for name in frozen:
+        weights.setdefault(name, live[name])
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -408,13 +440,15 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     else:
         state["model"] = _load_safetensors(folder / "model.safetensors")
         state["optimizer"] = _load(folder / "optimizer.pt")
-        _restore_tied(trainer.unwrapped_model, state["model"])
+        if manifest.get("frozen"):
+            add_frozen_weights(trainer.unwrapped_model, state["model"], manifest["frozen"], folder)
+        restore_tied(trainer.unwrapped_model, state["model"])
     trainer.load_state_dict(state, strict_data=strict)
     set_rng_state(rank_state["rng"])
     return manifest
 
 
-def _restore_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def restore_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """safetensors stores tied tensors once; give the other names the same tensor back."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .hooks.base import BaseHook
+from .utils import dedupe_tensors
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
@@ -48,7 +47,7 @@ def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: A
         else:
             from safetensors.torch import save_file
 
-            unique = _dedupe(state_dict)
+            unique = dedupe_tensors(state_dict)
             save_file(unique, str(directory / "model.safetensors"), metadata={"format": "pt"})
             (directory / "acceltrain.json").write_text(json.dumps({"class": type(model).__name__}) + "\n")
         if tokenizer is not None:
@@ -57,19 +56,6 @@ def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: A
             (directory / "README.md").write_text(model_card)
     acc.wait_for_everyone()
     return directory
-
-
-def _dedupe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous copies of tensors, one per shared storage (safetensors refuses aliases)."""
-    seen: dict[tuple[int, int], str] = {}
-    out = {}
-    for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous()
-    return out
 
 
 class ExportHook(BaseHook):

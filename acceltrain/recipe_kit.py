@@ -387,11 +387,13 @@ def load_checkpoint_weights(trainer: BaseTrainer, folder: Path) -> None:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from .checkpoint import _restore_tied, verify_checkpoint
+    from .checkpoint import add_frozen_weights, restore_tied, verify_checkpoint
 
-    verify_checkpoint(folder)
+    manifest = verify_checkpoint(folder)
     weights = load_file(str(folder / "model.safetensors"))
-    _restore_tied(trainer.unwrapped_model, weights)
+    if manifest.get("frozen"):  # a LoRA checkpoint stores only what trains
+        add_frozen_weights(trainer.unwrapped_model, weights, manifest["frozen"], folder)
+    restore_tied(trainer.unwrapped_model, weights)
     set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True))
 
 

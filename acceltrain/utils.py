@@ -22,6 +22,7 @@ __all__ = [
     "format_params",
     "peak_memory_gib",
     "to_float",
+    "dedupe_tensors",
 ]
 
 
@@ -169,3 +170,16 @@ def peak_memory_gib(device: torch.device | None = None) -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def dedupe_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies of tensors, one name per shared storage (safetensors refuses aliases)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out

@@ -209,6 +209,9 @@ def test_lora_trains_and_exports_an_adapter_peft_loads(tmp_path, base, data):
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     moments = sum(v.numel() for s in optim["state"].values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
     assert moments == 2 * expected  # AdamW state for the adapter only
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert sum(t.numel() for k, t in weights.items() if "lora_" in k) == expected
+    assert all("lora_" in k or "rotary" in k for k in weights)  # the checkpoint holds no base weight
     check = f"""
 import sys, torch
 from safetensors.torch import load_file
@@ -218,7 +221,9 @@ probe = torch.arange(12).unsqueeze(0)
 # the trained model as the trainer held it at its last step (the checkpoint), rebuilt with peft
 trained = get_peft_model(AutoModelForCausalLM.from_pretrained(r'{base}'),
                          LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, target_modules='all-linear', task_type='CAUSAL_LM'))
-trained.load_state_dict(load_file(r'{ckpt / "model.safetensors"}'))
+# the checkpoint holds only what trains: the frozen base comes from the base folder
+missing, unexpected = trained.load_state_dict(load_file(r'{ckpt / "model.safetensors"}'), strict=False)
+assert not unexpected and missing and all("lora_" not in k for k in missing)
 want = trained.eval()(probe).logits
 lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(r'{base}'), r'{out / "final"}').eval()
 torch.testing.assert_close(lora(probe).logits, want, atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from acceltrain import CheckpointingHook
+from acceltrain import BaseTrainer, CheckpointingHook
 from acceltrain.checkpoint import (
     CheckpointError,
     _write_manifest,
@@ -256,3 +256,66 @@ def test_handlers_are_restored_when_training_raises(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         Boom(max_steps=2, device="cpu", workspace=tmp_path, hooks=[CheckpointingHook(interval=1)]).train()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+class _LoraLM(BaseTrainer):
+    """A tiny Llama with LoRA adapters: only the adapters train."""
+
+    def __init__(self, layers=2, hooks=(), **kw):
+        super().__init__(**kw)
+        self.layers, self._hooks = layers, list(hooks)
+
+    def build_hooks(self):
+        return self._hooks
+
+    def build_data_loader(self):
+        import torch
+
+        ids = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=4, shuffle=True)
+
+    def build_model(self):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=self.layers, num_attention_heads=4,
+                                            num_key_value_heads=2, max_position_embeddings=32))
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    def build_optimizer(self):
+        import torch
+
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
+
+    def forward(self, input):
+        (ids,) = input
+        return self.model(input_ids=ids, labels=ids).loss, {}
+
+
+def test_lora_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    full = _LoraLM(max_steps=4, device="cpu")
+    full.train()
+    hook = CheckpointingHook(interval=2, keep_previous=None, exit_signals=[])
+    _LoraLM(max_steps=2, device="cpu", workspace=tmp_path, hooks=[hook]).train()
+    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    saved = load_file(folder / "model.safetensors")
+    trainable = {n for n, p in full.unwrapped_model.named_parameters() if p.requires_grad}
+    assert set(saved) - {n for n, _ in full.unwrapped_model.named_buffers()} == trainable
+    assert all("lora_" in n for n in trainable) and len(trainable) == 2 * 2 * 2  # 2 layers x q,v x A,B
+    assert (folder / "model.safetensors").stat().st_size < 20_000  # the adapters, not the base
+    resumed = _LoraLM(max_steps=4, device="cpu", workspace=tmp_path,
+                      hooks=[CheckpointingHook(interval=2, keep_previous=None, exit_signals=[])])
+    resumed.train()
+    for (name, a), b in zip(full.unwrapped_model.state_dict().items(), resumed.unwrapped_model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    other = _LoraLM(layers=3, max_steps=4, device="cpu")
+    other._build()
+    with pytest.raises(CheckpointError, match="this run.s frozen parameters differ from that run.s"):
+        load_checkpoint(other, folder)
