@@ -475,6 +475,11 @@ def check_targets(case: Case, summary: dict[str, dict[str, Any]]) -> tuple[bool,
     met = ratio >= case.target
     ok &= met
     lines = [f"target acceltrain >= {case.target:.2f}x raw: {ratio:.3f}x {'OK' if met else 'MISSED'}"]
+    margin = 1.0 - case.target
+    noise = max(summary["acceltrain"]["spread"], summary[REFERENCE]["spread"])
+    if noise > margin:
+        lines[-1] += (f" (inconclusive: run-to-run spread {noise:.0%} exceeds the {margin:.0%} margin; "
+                      "more --repeats or --steps, on a quiet machine)")
     if case.name == "gpt" and "hf_trainer" in summary:
         ahead = summary["acceltrain"]["steps_per_s"] > summary["hf_trainer"]["steps_per_s"]
         ok &= ahead
