@@ -8,6 +8,7 @@ exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import sys
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from transformers import HfArgumentParser
 
 T = TypeVar("T")
 
@@ -91,6 +91,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
     Example:
         >>> cfg = parse_config(PretrainConfig, ["--config", "recipes/configs/pretrain_tiny.yaml", "--max_steps", "50"])
     """
+    from transformers import HfArgumentParser  # here: `import acceltrain` stays free of transformers
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--config", type=str, default=None,
@@ -115,7 +117,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
     return cfg
 
 
-def _parse(parser: HfArgumentParser, argv: list[str]) -> tuple[Any, list[str]]:
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, list[str]]:
     outputs = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     cfg, remaining = outputs[0], outputs[-1]
     if remaining:

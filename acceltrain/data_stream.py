@@ -159,6 +159,8 @@ class DataStream:
         elif isinstance(data, DataLoader):
             data = accelerator.prepare(data)
         self.loader = data
+        # A DataLoader yields host tensors: on a CPU device there is nothing to move.
+        self._move = accelerator.device.type != "cpu"
         self.epoch = 0
         self.batches_drawn = 0
         self.batches_in_epoch = 0
@@ -197,7 +199,8 @@ class DataStream:
         self.batches_in_epoch += 1
         if self.position is not None:
             self.position.consumed(self.position.batch_size)
-            batch = send_to_device(batch, self.accelerator.device, non_blocking=self.position.loader.pin_memory)
+            if self._move:
+                batch = send_to_device(batch, self.accelerator.device, non_blocking=self.position.loader.pin_memory)
         return batch
 
     def _new_epoch(self) -> None:

@@ -103,7 +103,7 @@ class GradientOps:
     def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
         """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
         if not self._sync_needed:
-            return bool(torch.isfinite(grad_norm)), contributed, self._stop_local
+            return math.isfinite(grad_norm.item()), contributed, self._stop_local
         flags = torch.stack(
             [
                 (~torch.isfinite(grad_norm)).to(torch.float32),

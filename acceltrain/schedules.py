@@ -30,24 +30,27 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-# The decay formulas of transformers' schedules, reused as they are (their public factories wrap
-# them in functools.partial objects, whose state LambdaLR cannot save). Our own code only adds
-# the shared warmup, the clamp past total_steps, SGDR restarts and the multiplier.
-from transformers.optimization import (
-    _get_cosine_schedule_with_warmup_lr_lambda as _hf_cosine,
-)
-from transformers.optimization import (
-    _get_polynomial_decay_schedule_with_warmup_lr_lambda as _hf_polynomial,
-)
-from transformers.optimization import (
-    _get_wsd_scheduler_lambda as _hf_wsd,
-)
+
+@functools.cache
+def _hf() -> SimpleNamespace:
+    """The decay formulas of transformers' schedules, reused as they are (their public factories
+    wrap them in functools.partial objects, whose state LambdaLR cannot save). Our own code only
+    adds the shared warmup, the clamp past total_steps, SGDR restarts and the multiplier.
+    Imported on first use, so `import acceltrain` does not load transformers."""
+    from transformers import optimization as hf
+
+    return SimpleNamespace(cosine=hf._get_cosine_schedule_with_warmup_lr_lambda,
+                           polynomial=hf._get_polynomial_decay_schedule_with_warmup_lr_lambda,
+                           wsd=hf._get_wsd_scheduler_lambda)
+
 
 __all__ = ["SCHEDULES", "Schedule", "build_schedule", "reduce_lr", "surge_lr", "scale_lr"]
 
@@ -99,14 +102,14 @@ class Schedule:
         if self.name == "constant":
             return 1.0
         if self.name in ("linear", "polynomial"):
-            return _hf_polynomial(min(step, total), num_warmup_steps=w, num_training_steps=total,
+            return _hf().polynomial(min(step, total), num_warmup_steps=w, num_training_steps=total,
                                   lr_end=m, power=self.power if self.name == "polynomial" else 1.0, lr_init=1)
         if self.name == "cosine":
-            return _hf_cosine(min(step, total), num_warmup_steps=w, num_training_steps=total,
+            return _hf().cosine(min(step, total), num_warmup_steps=w, num_training_steps=total,
                               num_cycles=0.5, min_lr_rate=m)
         if self.name == "wsd":
             decay = self.decay_steps()
-            return _hf_wsd(step, num_warmup_steps=w, num_stable_steps=total - w - decay, num_decay_steps=decay,
+            return _hf().wsd(step, num_warmup_steps=w, num_stable_steps=total - w - decay, num_decay_steps=decay,
                            warmup_type="linear", decay_type=self.decay_type, min_lr_ratio=m, num_cycles=0.5)
         # cosine_restarts: no library offers SGDR as a LambdaLR factor (torch's
         # CosineAnnealingWarmRestarts is its own stateful scheduler with an absolute floor).

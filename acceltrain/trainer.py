@@ -404,7 +404,8 @@ class BaseTrainer(GradientOps):
         # DeepSpeed decides gradient reduction from the accumulation boundary we set instead.
         self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
                              and not self._deepspeed)
-        self._autocast = acc.autocast if self.mixed_precision is not None else contextlib.nullcontext
+        self._autocast = acc.autocast if self.mixed_precision is not None else _no_context
+        self._world = acc.num_processes
         self._items_mode = type(self).count_loss_items is not BaseTrainer.count_loss_items
         self.loss_items: torch.Tensor | None = None
 
@@ -478,9 +479,10 @@ class BaseTrainer(GradientOps):
             if self._sync_needed:
                 torch.distributed.all_reduce(items)
             self.loss_items = items
-            scale = self.accelerator.num_processes / items.clamp(min=1)
+            scale = self._world / items.clamp(min=1)
         else:
             scale = 1.0 / k
+        unit = k == 1 and not self._items_mode  # then no `loss * 1.0` kernel per micro-batch
         loss_sum: torch.Tensor | None = None
         contributed = 0
         records: list[dict] = []
@@ -488,7 +490,7 @@ class BaseTrainer(GradientOps):
             sync_ctx = (
                 self.accelerator.no_sync(self.model)
                 if self._use_no_sync and micro < len(batches) - 1
-                else contextlib.nullcontext()
+                else _NO_CONTEXT
             )
             with sync_ctx:
                 with self._autocast():
@@ -510,7 +512,7 @@ class BaseTrainer(GradientOps):
                     self.model.set_gradient_accumulation_boundary(micro == len(batches) - 1)
                     self.model.backward(loss * (scale * k))
                 else:
-                    self._backward(loss * scale)
+                    self._backward(loss if unit else loss * scale)
             contributed += 1
             detached = loss.detach() * scale if self._items_mode else loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
@@ -521,7 +523,7 @@ class BaseTrainer(GradientOps):
         self.step_info = {}
         self._call_hook("on_before_step")
         k = self.gradient_accumulation_steps
-        expected = k * self.accelerator.num_processes
+        expected = k * self._world
         retries = backoffs = 0
         skipped: list[int] = []
         data_time = 0.0
@@ -579,7 +581,7 @@ class BaseTrainer(GradientOps):
             if self.grad_clip is not None:
                 self._grad_norm(unscale=False)
         info = self.step_info
-        info["loss"] = loss_sum if self._items_mode else loss_sum / contributed
+        info["loss"] = loss_sum if self._items_mode or contributed == 1 else loss_sum / contributed
         info["grad_norm"] = grad_norm
         info["batches"] = positions
         self._skip_reason = None
@@ -604,6 +606,13 @@ class BaseTrainer(GradientOps):
         info["data_time"] = data_time
         info["step_time"] = time.perf_counter() - t_start
         self._call_hook("on_after_step")
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def _no_context() -> contextlib.nullcontext:
+    return _NO_CONTEXT
 
 
 def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:

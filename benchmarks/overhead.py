@@ -13,6 +13,9 @@ and number of steps) runs once per implementation ("row"):
   metrics.jsonl to a temporary workspace).
 - ``acceltrain_bare`` (not run by default): the same without any hook, to tell the trainer's
   own cost from its hooks'.
+- ``acceltrain_guard`` (not run by default): the default hooks plus ``GuardHook()`` with its
+  defaults (spike detection every step, a snapshot of the trainable state every 50 steps), to
+  show what the protection ladder costs when nothing goes wrong.
 
 Every row runs in its own fresh interpreter (``--worker IMPL CASE``), so import costs,
 Accelerate's process-wide state and the peak RSS of one row never leak into another, and the
@@ -371,6 +374,13 @@ def _no_hooks() -> list[Any]:
     return []
 
 
+def _guard_hooks() -> list[Any]:
+    from acceltrain import GuardHook
+
+    # The default hooks plus the guard with its defaults (a snapshot every 50 steps).
+    return [*_default_hooks(), GuardHook()]
+
+
 def run_acceltrain(w: Workload, hooks: Callable[[], list[Any]] = _default_hooks) -> Measurement:
     """A ``BaseTrainer`` subclass with the hooks ``hooks()`` returns (workspace in a temp dir)."""
     from acceltrain import BaseHook, BaseTrainer
@@ -414,9 +424,12 @@ IMPLS: dict[str, Callable[[Workload], Measurement]] = {
     "hf_trainer": run_hf_trainer,
     "acceltrain": run_acceltrain,
     "acceltrain_bare": functools.partial(run_acceltrain, hooks=_no_hooks),
+    "acceltrain_guard": functools.partial(run_acceltrain, hooks=_guard_hooks),
 }
 DEFAULT_IMPLS = ("raw", "accelerate", "hf_trainer", "acceltrain")
 REFERENCE = "raw"
+#: The guard row's budget in the compute-dominated case, as a share of acceltrain's step time.
+GUARD_MAX_COST = 0.02
 
 
 # ---------------------------------------------------------------------------- worker
@@ -484,6 +497,11 @@ def check_targets(case: Case, summary: dict[str, dict[str, Any]]) -> tuple[bool,
         ahead = summary["acceltrain"]["steps_per_s"] > summary["hf_trainer"]["steps_per_s"]
         ok &= ahead
         lines.append(f"target acceltrain ahead of hf_trainer: {'OK' if ahead else 'MISSED'}")
+    if case.name == "gpt" and "acceltrain_guard" in summary:
+        cost = 1.0 - summary["acceltrain_guard"]["steps_per_s"] / summary["acceltrain"]["steps_per_s"]
+        ok &= cost <= GUARD_MAX_COST
+        lines.append(f"target GuardHook costs <= {GUARD_MAX_COST:.0%} of step time: {cost:+.1%} "
+                     f"{'OK' if cost <= GUARD_MAX_COST else 'MISSED'}")
     return ok, lines
 
 

@@ -15,8 +15,24 @@ if TYPE_CHECKING:
     from ..trainer import BaseTrainer
 
 
+_last_figures: tuple[dict[str, Any] | None, int, dict[str, Any]] = (None, 0, {})
+
+
 def step_figures(info: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one step's ``step_info`` worth aggregating (tensors stay on device)."""
+    """The numbers of one step's ``step_info`` worth aggregating (tensors stay on device).
+
+    Several hooks read the same step: the result is reused while ``info`` is the same dict
+    with the same keys (treat it as read-only)."""
+    global _last_figures
+    last, size, figures = _last_figures
+    if last is info and size == len(info):
+        return figures
+    figures = _step_figures(info)
+    _last_figures = (info, len(info), figures)
+    return figures
+
+
+def _step_figures(info: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("loss", "grad_norm", "step_time", "data_time"):
         if key in info:
@@ -43,6 +59,64 @@ def _numeric(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1
     return isinstance(value, (int, float))
+
+
+class FigureSums:
+    """Per-key sums and counts of step figures, cheap on the hot path.
+
+    ``add`` only appends: device tensors are summed in batches of ``fold`` (one stack and sum
+    per key instead of one tensor add per step) and the host never waits for the device.
+    ``totals()`` gives float64 sums, as tensors where any value was a tensor."""
+
+    def __init__(self, fold: int = 64):
+        self.fold = fold
+        self._pending: dict[str, list[Any]] = {}
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, figures: dict[str, Any]) -> None:
+        pending, counts = self._pending, self.counts
+        for key, value in figures.items():
+            values = pending.get(key)
+            if values is None:
+                pending[key] = [value]
+            else:
+                values.append(value)
+                if len(values) >= self.fold:
+                    self._fold(key)
+            counts[key] = counts.get(key, 0) + 1
+
+    def _fold(self, key: str) -> None:
+        values = self._pending.pop(key)
+        total: Any = self.sums.get(key, 0.0)
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if tensors:
+            if len({(t.dtype, t.device, t.shape) for t in tensors}) > 1:
+                tensors = [t.reshape(()).to(torch.float64) for t in tensors]
+            total = total + torch.stack(tensors).to(torch.float64).sum()
+        if len(tensors) < len(values):
+            total = total + math.fsum(float(v) for v in values if not isinstance(v, torch.Tensor))
+        self.sums[key] = total
+
+    def totals(self) -> tuple[dict[str, Any], dict[str, int]]:
+        for key in list(self._pending):
+            self._fold(key)
+        return self.sums, self.counts
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self.sums = {}
+        self.counts = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        totals, counted = self.totals()
+        return {"sums": {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in totals.items()},
+                "counts": dict(counted)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clear()
+        self.sums = dict(state.get("sums", {}))
+        self.counts = {k: int(v) for k, v in state.get("counts", {}).items()}
 
 
 class LoggingHook(BaseHook):
@@ -72,8 +146,7 @@ class LoggingHook(BaseHook):
         self.sync = sync
         self.tensorboard = tensorboard
         self.jsonl = jsonl
-        self._sums: dict[str, Any] = {}
-        self._counts: dict[str, int] = {}
+        self._figures = FigureSums()
         self._jsonl_path = None
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
@@ -90,9 +163,7 @@ class LoggingHook(BaseHook):
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
-        for key, value in step_figures(info).items():
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
-            self._counts[key] = self._counts.get(key, 0) + 1
+        self._figures.add(step_figures(info))
         if info.get("skipped_batches"):
             trainer.log(
                 {"events/skipped_batches": float(len(info["skipped_batches"]))},
@@ -110,19 +181,19 @@ class LoggingHook(BaseHook):
 
     def flush(self, trainer: BaseTrainer) -> dict[str, float]:
         """Averages since the last flush (reduced across ranks when ``sync``), then reset."""
-        keys = sorted(self._sums)
+        totals, counted = self._figures.totals()
+        keys = sorted(totals)
         if not keys:
             return {}
         device = trainer.device
-        sums = torch.stack([torch.as_tensor(self._sums[k], dtype=torch.float64, device=device) for k in keys])
-        counts = torch.tensor([self._counts[k] for k in keys], dtype=torch.float64, device=device)
+        sums = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device) for k in keys])
+        counts = torch.tensor([counted[k] for k in keys], dtype=torch.float64, device=device)
         if self.sync and trainer.accelerator.num_processes > 1:
             both = torch.cat([sums, counts])
             torch.distributed.all_reduce(both)
             sums, counts = both[: len(keys)], both[len(keys):]
         means = (sums / counts).tolist()  # the one sync of a logging step
-        self._sums.clear()
-        self._counts.clear()
+        self._figures.clear()
         return {k: v for k, v in zip(keys, means, strict=False)}
 
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
@@ -137,11 +208,7 @@ class LoggingHook(BaseHook):
 
     def state_dict(self) -> dict[str, Any]:
         # The interval's partial sums, so a resumed run logs the same averages.
-        return {
-            "sums": {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self._sums.items()},
-            "counts": dict(self._counts),
-        }
+        return self._figures.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sums = dict(state.get("sums", {}))
-        self._counts = {k: int(v) for k, v in state.get("counts", {}).items()}
+        self._figures.load_state_dict(state)

@@ -11,7 +11,7 @@ import torch
 
 from ..utils import peak_memory_gib
 from .base import BaseHook
-from .logging import step_figures
+from .logging import FigureSums, step_figures
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer
@@ -71,7 +71,7 @@ class ProgressHook(BaseHook):
         self.eta_warmup = eta_warmup
         self.bar = bar
         self.stream = stream
-        self._sums: dict[str, Any] = {}
+        self._figures = FigureSums()
         self._n = 0
         self._pbar = None
         self._warm_time: float | None = None
@@ -92,10 +92,9 @@ class ProgressHook(BaseHook):
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
         figures = step_figures(info)
-        if not self.with_records:
+        if not self.with_records and info.get("records"):
             figures = {k: v for k, v in figures.items() if not k.startswith("records/")}
-        for key, value in figures.items():
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._figures.add(figures)
         self._n += 1
         if self._pbar is not None:
             self._pbar.update(1)
@@ -105,15 +104,16 @@ class ProgressHook(BaseHook):
             self._report(trainer)
 
     def _report(self, trainer: BaseTrainer) -> None:
-        keys = sorted(self._sums)
+        totals, _ = self._figures.totals()
+        keys = sorted(totals)
         values = torch.stack(
-            [torch.as_tensor(self._sums[k], dtype=torch.float64, device=trainer.device) for k in keys]
+            [torch.as_tensor(totals[k], dtype=torch.float64, device=trainer.device) for k in keys]
         ) / self._n
         if self.sync and trainer.accelerator.num_processes > 1:
             torch.distributed.all_reduce(values)
             values = values / trainer.accelerator.num_processes
         means = dict(zip(keys, values.tolist(), strict=False))
-        self._sums.clear()
+        self._figures.clear()
         self._n = 0
         if not trainer.is_main_process:
             return
@@ -132,6 +132,14 @@ class ProgressHook(BaseHook):
         else:
             width = len(str(trainer.max_steps))
             print(f"Step {trainer.step:>{width}}/{trainer.max_steps}: " + " ".join(parts), file=self._out, flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The interval's partial sums, so a resumed run prints the same averages.
+        return {**self._figures.state_dict(), "n": self._n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._figures.load_state_dict(state)
+        self._n = int(state.get("n", 0))
 
     def _eta(self, trainer: BaseTrainer) -> str | None:
         if self._warm_time is None or trainer.step <= self._warm_step:

@@ -55,6 +55,36 @@ def test_logging_hook_averages_over_the_interval(tmp_path):
     assert seen[0]["loss"] == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
+def test_figure_sums_fold_in_batches_exactly_and_survive_a_state_round_trip():
+    from acceltrain.hooks.logging import FigureSums
+
+    values = [torch.tensor(i / 3, dtype=torch.float32) for i in range(10)]
+    a, b = FigureSums(fold=4), FigureSums(fold=4)
+    for i, v in enumerate(values[:6]):
+        a.add({"loss": v, "step_time": 0.5 * i})
+    b.load_state_dict(a.state_dict())  # mid-batch: two values still pending in a
+    for i, v in enumerate(values[6:], start=6):
+        for s in (a, b):
+            s.add({"loss": v, "step_time": 0.5 * i})
+    for s in (a, b):
+        sums, counts = s.totals()
+        assert counts == {"loss": 10, "step_time": 10}
+        # float32 values summed in float64 are exact here, whatever the batching.
+        assert sums["loss"].dtype == torch.float64
+        assert sums["loss"].item() == sum(float(v) for v in values)
+        assert sums["step_time"] == 22.5
+
+
+def test_step_figures_are_shared_by_hooks_until_step_info_changes():
+    from acceltrain.hooks.logging import step_figures
+
+    info = {"loss": torch.tensor(1.0), "lr": [0.1]}
+    first = step_figures(info)
+    assert step_figures(info) is first
+    info["tokens"] = 7  # a hook adds a figure: it is seen
+    assert step_figures(info)["tokens"] == 7 and step_figures(dict(info)) is not first
+
+
 def test_progress_hook_prints_one_line_per_interval():
     out = io.StringIO()
     ToyTrainer(max_steps=25, device="cpu", hooks=[ProgressHook(interval=10, stream=out, eta_warmup=2)]).train()
