@@ -31,6 +31,8 @@ def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: A
     directory = Path(directory)
     acc = trainer.accelerator
     state_dict = acc.get_state_dict(trainer.model)  # collective under FSDP / ZeRO-3
+    if state_dict:  # Accelerate keeps torch.compile's wrapper, whose keys say `_orig_mod.`
+        state_dict = {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
     model = trainer.unwrapped_model
     tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "tokenizer", None)
     if acc.is_main_process:

@@ -135,6 +135,40 @@ def test_resume_after_the_run_continues(tiny_run, corpus, tmp_path):
     assert len(losses(copy)) == 12
 
 
+def test_gradient_checkpointing_keeps_the_losses(tiny_run, corpus, tmp_path):
+    # That the flag reaches the model is checked in tests/unit/test_models.py; recomputation
+    # (non-reentrant, RNG state preserved) must not change what is learned.
+    out, cache, _ = tiny_run
+    ckpt = tmp_path / "ckpt"
+    run("--output_dir", str(ckpt), "--dataset", str(corpus), "--max_steps", "10", "--gradient_checkpointing", "true",
+        *TINY, cache=cache)
+    assert losses(ckpt) == pytest.approx(losses(out), rel=1e-6)
+
+
+def test_compile_matches_eager_exports_plain_keys_and_resumes_eagerly(tiny_run, corpus, tmp_path):
+    """--compile (inductor, on the CPU): the eager run's losses to float tolerance, a final folder
+    without torch.compile's `_orig_mod.` prefix, and checkpoints an eager run resumes from."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out, cache, _ = tiny_run
+    comp = tmp_path / "compiled"
+    run("--output_dir", str(comp), "--dataset", str(corpus), "--max_steps", "10", "--compile", "true", *TINY,
+        cache=cache, timeout=900)
+    assert losses(comp) == pytest.approx(losses(out), rel=1e-4)
+    with safe_open(str(comp / "final" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]
+    _, info = AutoModelForCausalLM.from_pretrained(comp / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    eager = tmp_path / "eager"
+    shutil.copytree(comp, eager, symlinks=True)
+    proc = run("--output_dir", str(eager), "--dataset", str(corpus), "--max_steps", "12", "--resume", "true", *TINY,
+               cache=cache)
+    assert "checkpoint_step_10" in proc.stderr and len(losses(eager)) == 12
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
