@@ -119,10 +119,10 @@ class CheckpointingHook(BaseHook):
     # ---------------------------------------------------------------- resume
     def on_before_train(self, trainer: BaseTrainer) -> None:
         if getattr(trainer, "_deepspeed", False):
-            # ZeRO keeps optimizer partitions in objects that only unpickling restores, which the
-            # safe-loading rule forbids; refuse before training rather than at the first save.
-            raise CheckpointError("CheckpointingHook does not support DeepSpeed yet: use FSDP2 "
-                                  "(accelerate_configs/fsdp2.yaml) for sharded, exactly resumable training")
+            # A DeepSpeed setup whose state cannot be saved safely is refused now, not at the first save.
+            from ..checkpoint_deepspeed import check_supported
+
+            check_supported(trainer)
         self._install_signals(trainer)
         if self.load is None:
             return

@@ -108,6 +108,31 @@ class FigureSums:
         self.sums = {}
         self.counts = {}
 
+    def means(self, device: torch.device, sync: bool = False) -> dict[str, float]:
+        """The mean of each figure since the last call, then reset; one host sync.
+
+        ``sync``: over all ranks (a collective every rank must join). Ranks may have seen
+        different keys (records a ``forward`` returns on some ranks only): the key sets are
+        gathered first, and a key counts only where it was seen."""
+        totals, counted = self.totals()
+        keys = sorted(totals)
+        world = torch.distributed.get_world_size() if sync and torch.distributed.is_initialized() else 1
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, keys)
+            keys = sorted(set().union(*gathered))
+        self.clear()
+        if not keys:
+            return {}
+        both = torch.stack([
+            torch.stack([torch.as_tensor(totals.get(k, 0.0), dtype=torch.float64, device=device) for k in keys]),
+            torch.tensor([counted.get(k, 0) for k in keys], dtype=torch.float64, device=device),
+        ])
+        if world > 1:
+            torch.distributed.all_reduce(both)  # SUM of sums and counts: gloo has no AVG
+        sums, counts = both.tolist()
+        return {k: total / n for k, total, n in zip(keys, sums, counts, strict=True) if n > 0}
+
     def state_dict(self) -> dict[str, Any]:
         totals, counted = self.totals()
         return {"sums": {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in totals.items()},
@@ -181,20 +206,7 @@ class LoggingHook(BaseHook):
 
     def flush(self, trainer: BaseTrainer) -> dict[str, float]:
         """Averages since the last flush (reduced across ranks when ``sync``), then reset."""
-        totals, counted = self._figures.totals()
-        keys = sorted(totals)
-        if not keys:
-            return {}
-        device = trainer.device
-        sums = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=device) for k in keys])
-        counts = torch.tensor([counted[k] for k in keys], dtype=torch.float64, device=device)
-        if self.sync and trainer.accelerator.num_processes > 1:
-            both = torch.cat([sums, counts])
-            torch.distributed.all_reduce(both)
-            sums, counts = both[: len(keys)], both[len(keys):]
-        means = (sums / counts).tolist()  # the one sync of a logging step
-        self._figures.clear()
-        return {k: v for k, v in zip(keys, means, strict=False)}
+        return self._figures.means(trainer.device, sync=self.sync and trainer.accelerator.num_processes > 1)
 
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
         if dry_run or not records:

@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
 
 from ..utils import peak_memory_gib
 from .base import BaseHook
@@ -72,7 +71,6 @@ class ProgressHook(BaseHook):
         self.bar = bar
         self.stream = stream
         self._figures = FigureSums()
-        self._n = 0
         self._pbar = None
         self._warm_time: float | None = None
         self._warm_step = 0
@@ -95,7 +93,6 @@ class ProgressHook(BaseHook):
         if not self.with_records and info.get("records"):
             figures = {k: v for k, v in figures.items() if not k.startswith("records/")}
         self._figures.add(figures)
-        self._n += 1
         if self._pbar is not None:
             self._pbar.update(1)
         if trainer.step - self._warm_step == self.eta_warmup:
@@ -104,17 +101,8 @@ class ProgressHook(BaseHook):
             self._report(trainer)
 
     def _report(self, trainer: BaseTrainer) -> None:
-        totals, _ = self._figures.totals()
-        keys = sorted(totals)
-        values = torch.stack(
-            [torch.as_tensor(totals[k], dtype=torch.float64, device=trainer.device) for k in keys]
-        ) / self._n
-        if self.sync and trainer.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(values)
-            values = values / trainer.accelerator.num_processes
-        means = dict(zip(keys, values.tolist(), strict=False))
-        self._figures.clear()
-        self._n = 0
+        means = self._figures.means(trainer.device, sync=self.sync and trainer.accelerator.num_processes > 1)
+        keys = sorted(means)
         if not trainer.is_main_process:
             return
         parts = [f"step {means.pop('step_time', 0.0):.4f}s", f"data {means.pop('data_time', 0.0):.4f}s"]
@@ -135,11 +123,10 @@ class ProgressHook(BaseHook):
 
     def state_dict(self) -> dict[str, Any]:
         # The interval's partial sums, so a resumed run prints the same averages.
-        return {**self._figures.state_dict(), "n": self._n}
+        return self._figures.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._figures.load_state_dict(state)
-        self._n = int(state.get("n", 0))
 
     def _eta(self, trainer: BaseTrainer) -> str | None:
         if self._warm_time is None or trainer.step <= self._warm_step:

@@ -101,3 +101,13 @@ def test_none_on_the_syncing_micro_batch_is_an_error_not_drift(tmp_path):
     assert proc.returncode != 0
     for r in _results(tmp_path):
         assert r["step"] == 0 and "returned None on the last micro-batch" in r["error"]
+
+
+def test_logging_reduces_records_that_only_some_ranks_return(tmp_path):
+    """Rank-dependent record keys: no hang, no misaligned reduce; a key counts where it was seen."""
+    torchrun(SCRIPT, "records", str(tmp_path), "--accum", "1", timeout=180)
+    lines = [json.loads(line) for line in (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
+        assert line["records/rank_plus_one"] == 1.5
+        assert line["records/only_rank1"] == 2.0

@@ -58,7 +58,7 @@ class NaNOnRank(ToyTrainer):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -94,6 +94,18 @@ def main() -> None:
                 return (None, {}) if self.calls % 2 == 0 else super().forward(input)
 
         trainer = NoneOnLast(**common)
+    elif args.mode == "records":
+        from acceltrain import LoggingHook
+
+        class RankRecords(ToyTrainer):
+            # Records differ by rank: a key only rank 1 returns, and a value per rank.
+            def forward(self, input):
+                loss, rec = super().forward(input)
+                rank = self.accelerator.process_index
+                return loss, {**rec, "rank_plus_one": float(rank + 1), **({"only_rank1": 2.0} if rank else {})}
+
+        logging = LoggingHook(interval=2, tensorboard=False)
+        trainer = RankRecords(**{**common, "hooks": [counter, keep, logging], "workspace": str(args.out / "ws")})
     elif args.mode == "eval":
         trainer = EvalTrainer(**common)
     elif args.mode == "nan":
