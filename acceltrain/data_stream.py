@@ -159,8 +159,10 @@ class DataStream:
         elif isinstance(data, DataLoader):
             data = accelerator.prepare(data)
         self.loader = data
-        # A DataLoader yields host tensors: on a CPU device there is nothing to move.
+        # A DataLoader yields host tensors: on a CPU device there is nothing to move. Accelerate's
+        # prepared loaders move their own batches; plain iterables (generators, lists) are moved here.
         self._move = accelerator.device.type != "cpu"
+        self._move_plain = self._move and self.position is None and not isinstance(data, DataLoader)
         self.epoch = 0
         self.batches_drawn = 0
         self.batches_in_epoch = 0
@@ -201,6 +203,8 @@ class DataStream:
             self.position.consumed(self.position.batch_size)
             if self._move:
                 batch = send_to_device(batch, self.accelerator.device, non_blocking=self.position.loader.pin_memory)
+        elif self._move_plain:
+            batch = send_to_device(batch, self.accelerator.device)
         return batch
 
     def _new_epoch(self) -> None:

@@ -1,5 +1,6 @@
 """Pieces the recipes share: output-folder safety, caches, precision, optimizer groups, model cards,
-the common config fields, model loading checks, LoRA, exact gathered evaluation and samples."""
+the common config fields, model loading checks, LoRA, exact gathered evaluation and samples, and
+``RecipeTrainer``, the base class of the shipped recipes."""
 
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError, UserError
+from .evaluation import EvaluationHook
+from .hooks import CheckpointingHook, LoggingHook, ProgressHook
 from .hooks.base import BaseHook
+from .trainer import BaseTrainer
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-    from .trainer import BaseTrainer
 
 __all__ = [
     "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
     "TrainingConfig", "LoraFields", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
     "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
-    "generate_sample", "SampleHook",
+    "generate_sample", "SampleHook", "RecipeTrainer",
 ]
 
 
@@ -431,3 +433,38 @@ class SampleHook(BaseHook):
         text = generate_sample(trainer.unwrapped_model, self.tokenizer, self.prompt, self.max_new_tokens)
         if trainer.is_main_process:
             print(f"Sample {trainer.step}/{trainer.max_steps}: {self.prompt!r} -> {text!r}", flush=True)
+
+
+class RecipeTrainer(BaseTrainer):
+    """What the shipped recipes have in common, on top of ``BaseTrainer``.
+
+    ``cfg`` carries :class:`TrainingConfig`'s fields. The constructor refuses to train over
+    another run's checkpoints (``guard_output_dir``: ``self.resume`` says whether to continue);
+    the optimizer is AdamW with decay groups, the schedule warmup + cosine to ``min_lr_ratio``;
+    :meth:`standard_hooks` gives progress, logs, evaluation and checkpoints.
+    """
+
+    def __init__(self, cfg: Any, **trainer_kwargs: Any):
+        self.cfg = cfg
+        super().__init__(**trainer_kwargs)
+        self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
+                                       is_main=self.accelerator.is_main_process)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
+                             min_lr_ratio=self.cfg.min_lr_ratio)
+
+    def standard_hooks(self, *, first: list[BaseHook] | None = None, extra: list[BaseHook] | None = None,
+                       **checkpointing: Any) -> list[BaseHook]:
+        """``first`` (hooks that put figures into ``step_info``), progress, logging, evaluation
+        (``self.eval_hook``), ``extra``, then checkpoints (``checkpointing``: more
+        ``CheckpointingHook`` arguments), all at the config's intervals."""
+        cfg = self.cfg
+        self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
+        return [*(first or []), ProgressHook(interval=cfg.log_interval), LoggingHook(interval=cfg.log_interval),
+                self.eval_hook, *(extra or []),
+                CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
+                                  load="latest" if self.resume else None, requeue=True, **checkpointing)]

@@ -26,11 +26,6 @@ from pathlib import Path
 import torch
 
 from acceltrain import (
-    BaseTrainer,
-    CheckpointingHook,
-    EvaluationHook,
-    LoggingHook,
-    ProgressHook,
     format_params,
 )
 from acceltrain.config import ConfigError, UserError, exit_on_user_error, parse_config
@@ -46,20 +41,18 @@ from acceltrain.data.sft import (
 )
 from acceltrain.recipe_kit import (
     LoraFields,
+    RecipeTrainer,
     SampleHook,
     TrainingConfig,
-    adamw_with_decay_groups,
     apply_lora,
     cache_root,
     check_eval_source,
     enable_gradient_checkpointing,
-    guard_output_dir,
     model_card,
     quiet_progress_bars,
     resolve_model,
     split_indices,
     trainable_summary,
-    warmup_cosine,
     write_run_config,
 )
 
@@ -107,13 +100,10 @@ class CausalLMConfig(LoraFields, TrainingConfig):
         return self.prompt_column is not None or self.dataset is None
 
 
-class CausalLMTrainer(BaseTrainer):
+class CausalLMTrainer(RecipeTrainer):
     def __init__(self, cfg: CausalLMConfig):
-        self.cfg = cfg
-        super().__init__(**cfg.trainer_kwargs())
+        super().__init__(cfg, **cfg.trainer_kwargs())
         acc = self.accelerator
-        self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=acc.is_main_process)
         hint = "run `accelerate launch recipes/pretrain.py` first (it writes it) or pass --model"
         self.source, model_config = resolve_model(cfg.model, kind="causal_lm", trust_remote_code=cfg.trust_remote_code,
                                                   missing_hint=hint if cfg.model == DEFAULT_MODEL else None)
@@ -212,22 +202,11 @@ class CausalLMTrainer(BaseTrainer):
                   f"{'examples' if cfg.pairs else f'windows of {cfg.max_length}'}", flush=True)
         return model.to(self.device)
 
-    def build_optimizer(self):
-        return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def build_lr_scheduler(self):
-        return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
-                             min_lr_ratio=self.cfg.min_lr_ratio)
-
     def build_hooks(self):
         cfg = self.cfg
-        self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
-        hooks = [ProgressHook(interval=cfg.log_interval), LoggingHook(interval=cfg.log_interval), self.eval_hook]
-        if cfg.sample_tokens:
-            hooks.append(SampleHook(self.tokenizer, self.sample_prompt, max_new_tokens=cfg.sample_tokens,
-                                    interval=cfg.eval_interval))
-        return hooks + [CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
-                                          load="latest" if self.resume else None, requeue=True)]
+        sample = [SampleHook(self.tokenizer, self.sample_prompt, max_new_tokens=cfg.sample_tokens,
+                             interval=cfg.eval_interval)] if cfg.sample_tokens else []
+        return self.standard_hooks(extra=sample)
 
     def count_loss_items(self, batch) -> torch.Tensor:
         # The trainer divides forward's sums by the target tokens of the whole window on all ranks.

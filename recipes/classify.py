@@ -24,11 +24,6 @@ from typing import Literal
 import torch
 
 from acceltrain import (
-    BaseTrainer,
-    CheckpointingHook,
-    EvaluationHook,
-    LoggingHook,
-    ProgressHook,
     format_params,
 )
 from acceltrain.checkpoint import checkpoint_step
@@ -38,21 +33,19 @@ from acceltrain.data.labels import LabelSpace, classification_metrics, load_labe
 from acceltrain.data.sft import PadCollator
 from acceltrain.recipe_kit import (
     LoraFields,
+    RecipeTrainer,
     TrainingConfig,
-    adamw_with_decay_groups,
     apply_lora,
     cache_root,
     check_eval_source,
     enable_gradient_checkpointing,
     gather_eval_outputs,
-    guard_output_dir,
     load_checkpoint_weights,
     model_card,
     quiet_progress_bars,
     resolve_model,
     split_indices,
     trainable_summary,
-    warmup_cosine,
     write_run_config,
 )
 
@@ -116,13 +109,10 @@ class ClassifyConfig(LoraFields, TrainingConfig):
             raise ConfigError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
 
 
-class ClassifyTrainer(BaseTrainer):
+class ClassifyTrainer(RecipeTrainer):
     def __init__(self, cfg: ClassifyConfig):
-        self.cfg = cfg
-        super().__init__(**cfg.trainer_kwargs())
+        super().__init__(cfg, **cfg.trainer_kwargs())
         acc = self.accelerator
-        self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=acc.is_main_process)
         self.source = self.model_config = None
         if cfg.model:
             self.source, self.model_config = resolve_model(cfg.model, kind="classifier",
@@ -226,20 +216,10 @@ class ClassifyTrainer(BaseTrainer):
                   f"{len(self.train_set):,} training and {len(self.eval_set):,} evaluation texts", flush=True)
         return model.to(self.device)
 
-    def build_optimizer(self):
-        return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def build_lr_scheduler(self):
-        return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
-                             min_lr_ratio=self.cfg.min_lr_ratio)
-
     def build_hooks(self):
         cfg = self.cfg
-        self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
-        return [ProgressHook(interval=cfg.log_interval), LoggingHook(interval=cfg.log_interval), self.eval_hook,
-                CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints, keep_best=1,
-                                  metric=f"eval/{cfg.best_metric}", mode="max" if cfg.best_metric in ("accuracy", "f1") else "min",
-                                  load="latest" if self.resume else None, requeue=True)]
+        return self.standard_hooks(keep_best=1, metric=f"eval/{cfg.best_metric}",
+                                   mode="max" if cfg.best_metric in ("accuracy", "f1") else "min")
 
     def forward(self, batch):
         return self.model(**batch).loss, {}

@@ -21,11 +21,6 @@ from typing import Literal
 import torch
 
 from acceltrain import (
-    BaseTrainer,
-    CheckpointingHook,
-    EvaluationHook,
-    LoggingHook,
-    ProgressHook,
     ThroughputHook,
     count_parameters,
     format_params,
@@ -42,12 +37,10 @@ from acceltrain.data import (
 )
 from acceltrain.models import PRESETS, build_model, device_peak_flops, flops_per_token, preset
 from acceltrain.recipe_kit import (
-    adamw_with_decay_groups,
+    RecipeTrainer,
     cache_root,
     choose_precision,
-    guard_output_dir,
     model_card,
-    warmup_cosine,
     write_run_config,
 )
 
@@ -112,18 +105,15 @@ class PretrainConfig:
             raise ConfigError(f"model_size {self.model_size!r} is not a preset; choose one of {', '.join(PRESETS)}")
 
 
-class PretrainTrainer(BaseTrainer):
+class PretrainTrainer(RecipeTrainer):
     def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
         super().__init__(
-            max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, max_non_finite_grad_retries=3,
+            cfg, max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, max_non_finite_grad_retries=3,
             mixed_precision=choose_precision(cfg.mixed_precision),
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, workspace=cfg.output_dir,
             data_seed=cfg.seed,
         )
         acc = self.accelerator
-        self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=acc.is_main_process)
         seed_everything(cfg.seed)
         # Tokenizer training and packing happen once, on the main process; the others then
         # find them in the cache.
@@ -172,26 +162,13 @@ class PretrainTrainer(BaseTrainer):
         model = model.to(self.device)
         return torch.compile(model) if self.cfg.compile else model
 
-    def build_optimizer(self):
-        return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-
-    def build_lr_scheduler(self):
-        return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
-                             min_lr_ratio=self.cfg.min_lr_ratio)
-
     def build_hooks(self):
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * self.accelerator.num_processes
         dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
-        self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
-        return [
-            ThroughputHook(tokens_per_step, self.flops_per_token, device_peak_flops(self.device, dtype)),
-            ProgressHook(interval=cfg.log_interval),
-            LoggingHook(interval=cfg.log_interval),
-            self.eval_hook,
-            CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
-                              load="latest" if self.resume else None, requeue=True),
-        ]
+        # First: the figures it adds to step_info are what progress and logs show.
+        return self.standard_hooks(
+            first=[ThroughputHook(tokens_per_step, self.flops_per_token, device_peak_flops(self.device, dtype))])
 
     def forward(self, input):
         out = self.model(input_ids=input["input_ids"], labels=input["labels"])

@@ -7,7 +7,6 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
-
 from ..utils import peak_memory_gib
 from .base import BaseHook
 from .logging import FigureSums, step_figures
