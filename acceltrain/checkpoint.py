@@ -16,6 +16,10 @@ layout idea without its pickled ``.metadata`` file, which the safe-loading rule 
 price is that a sharded checkpoint resumes only on the same number of processes (refused
 otherwise). ``save_pretrained`` consolidates to one safetensors file for export.
 
+Under DeepSpeed the same folder holds ``model.safetensors`` (ZeRO 0-2) and one
+``optimizer_shard_{rank}.pt`` per rank with its ZeRO partition, reduced to plain tensors so it
+loads with weights_only=True (see :mod:`acceltrain.checkpoint_deepspeed`).
+
 Every rank writes into ``.tmp_checkpoint_step_{N}``; after a barrier the main rank checks the
 files, writes the manifest, renames the folder and points ``checkpoint_latest`` at it. A
 folder without a valid manifest is torn and never loaded.
@@ -30,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import threading
 import time
 import zlib
@@ -39,8 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict
-from torch.distributed.tensor import DTensor
 
 from .config import UserError
 from .utils import dedupe_tensors, map_nested_tensor
@@ -296,7 +299,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     through small per-rank report files, not collectives, so the thread never races the
     training loop's own collectives.
     """
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     acc = trainer.accelerator
     root = Path(root)
@@ -308,28 +311,30 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
 
-    state = trainer.state_dict()
     rank = acc.process_index
-    sharded = any(isinstance(v, DTensor) for v in state["model"].values())
-    frozen = _frozen(trainer.unwrapped_model)
     names = [f"rank_state_{rank}.pt"]
-    if sharded:
-        # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
-        # weights_only pickle); loading rebuilds the DTensors on the same mesh.
-        names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
-        save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / names[1]))
-        torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
-    elif acc.is_main_process:
-        names += ["model.safetensors", "optimizer.pt"]
-        model = trainer.unwrapped_model
-        if frozen:
-            # Frozen weights (a LoRA base) come back from build_model on resume: store only
-            # what trains, so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
-            weights = {k: v for k, v in model.state_dict().items() if k not in frozen}
-            save_file(dedupe_tensors(weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
-        torch.save(state["optimizer"], tmp / "optimizer.pt")
+    if getattr(trainer, "_deepspeed", False):
+        # ZeRO partitions: every rank writes its own (see acceltrain.checkpoint_deepspeed).
+        from .checkpoint_deepspeed import save_deepspeed
+
+        state, own_names, own_extra = save_deepspeed(trainer, tmp)
+        names += own_names
+    else:
+        state = trainer.state_dict()
+        sharded = any(_is_dtensor(v) for v in state["model"].values())
+        frozen = _frozen(trainer.unwrapped_model)
+        if sharded:
+            # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
+            # weights_only pickle); loading rebuilds the DTensors on the same mesh.
+            names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
+            save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / names[1]))
+            torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
+        elif acc.is_main_process:
+            names += ["model.safetensors", "optimizer.pt"]
+            write_weights(trainer.unwrapped_model, tmp / "model.safetensors", frozen)
+            torch.save(state["optimizer"], tmp / "optimizer.pt")
+        own_extra = {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen)
+                     if frozen and not sharded else None}
     if acc.is_main_process:
         names.append("trainer_state.pt")
         torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer", *_PER_RANK)},
@@ -339,9 +344,8 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     torch.save({"rng": rng_state(), **{k: state[k] for k in _PER_RANK}}, tmp / f"rank_state_{rank}.pt")
 
     handle = SaveHandle(final, None)
-    args = (handle, tmp, final, rank, acc.num_processes, trainer.step, names,
-            {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen) if frozen and not sharded
-             else None, **(extra or {})}, on_complete, timeout)
+    args = (handle, tmp, final, rank, acc.num_processes, trainer.step, names, {**own_extra, **(extra or {})},
+            on_complete, timeout)
     if background:
         handle._thread = threading.Thread(target=_finish, args=args, name="acceltrain-checkpoint", daemon=True)
         handle._thread.start()
@@ -365,9 +369,29 @@ def _frozen(model: torch.nn.Module) -> set[str]:
 
 def _frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
     """Names, shapes and dtypes of the frozen parameters (not their values: hashing a 7B base
-    at every save would cost more than the save)."""
-    shapes = {n: [list(p.shape), str(p.dtype)] for n, p in model.named_parameters(remove_duplicate=False) if n in frozen}
+    at every save would cost more than the save). ZeRO-3 keeps the full shape in ``ds_shape``."""
+    shapes = {n: [list(getattr(p, "ds_shape", p.shape)), str(p.dtype)]
+              for n, p in model.named_parameters(remove_duplicate=False) if n in frozen}
     return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_weights(model: torch.nn.Module, path: Path, frozen: set[str], *, flat: bool = False) -> None:
+    """The model's weights as safetensors; without the frozen ones (see ``add_frozen_weights``).
+
+    ``flat``: the parameters are views into one flat buffer (DeepSpeed ZeRO 1-2), which
+    safetensors refuses as shared storage: each is copied to the CPU first.
+    """
+    from safetensors.torch import save_file, save_model
+
+    if frozen or flat:
+        # Frozen weights (a LoRA base) come back from build_model on resume: store only
+        # what trains, so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
+        weights = dedupe_tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
+        if flat:
+            weights = {k: v.to("cpu", copy=True) for k, v in weights.items()}
+        save_file(weights, str(path), metadata={"format": "pt"})
+    else:
+        save_model(model, str(path))
 
 
 def add_frozen_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], digest: str, folder: Path) -> None:
@@ -390,13 +414,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _is_dtensor(t: Any) -> bool:
+    # No DTensor exists before torch.distributed.tensor is imported (it pulls in sympy, ~50 MiB,
+    # which `import acceltrain` does not pay for).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local().contiguous() if isinstance(t, DTensor) else t
+    return t.to_local().contiguous() if _is_dtensor(t) else t
 
 
 def _reshard(trainer: BaseTrainer, model_local: dict[str, torch.Tensor],
              optim_local: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """This rank's saved shards as DTensors laid out like the live (FSDP2) parameters."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
+
     template, _ = get_state_dict(trainer.model, trainer._inner_optimizer, options=trainer.state_dict_options)
 
     def like(local: torch.Tensor, ref: Any) -> torch.Tensor:
@@ -432,6 +466,12 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     state = _load(folder / "trainer_state.pt")
     rank_state = _load(folder / f"rank_state_{acc.process_index}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
+    if manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False):
+        from .checkpoint_deepspeed import load_deepspeed
+
+        load_deepspeed(trainer, folder, manifest, state, strict=strict)  # refuses a different setup
+        set_rng_state(rank_state["rng"])
+        return manifest
     if manifest.get("sharded"):
         rank = acc.process_index
         state["model"], state["optimizer"] = _reshard(

@@ -8,19 +8,21 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
 from .hooks.base import EVENTS, BaseHook
 from .utils import key_average
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~50 MiB: imported when a state is taken
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 __all__ = ["BaseTrainer", "NonFiniteError"]
 
@@ -239,9 +241,18 @@ class BaseTrainer(GradientOps):
         _destroy_process_group()
 
     def state_dict(self) -> dict[str, Any]:
-        """The full training state: model, optimizer, scheduler, scaler, step, hooks."""
+        """The full training state: model, optimizer, scheduler, scaler, step, hooks.
+
+        Under DeepSpeed ``model`` and ``optimizer`` are ``None``: torch cannot read a ZeRO
+        optimizer, and checkpoints save the engine's partitions themselves
+        (``acceltrain.checkpoint_deepspeed``)."""
         self._require_built("state_dict()")
-        model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer, options=self.state_dict_options)
+        if self._deepspeed:
+            model_sd = optim_sd = None
+        else:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer, options=self.state_dict_options)
         state: dict[str, Any] = {
             "step": self.step,
             "model": model_sd,
@@ -264,13 +275,16 @@ class BaseTrainer(GradientOps):
         if not self._built:
             self._pending_state = state_dict
             return
-        set_state_dict(
-            self.model,
-            self._inner_optimizer,
-            model_state_dict=state_dict["model"],
-            optim_state_dict=state_dict["optimizer"],
-            options=self.state_dict_options,
-        )
+        if state_dict.get("model") is not None:  # None: a DeepSpeed engine restored its own
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(
+                self.model,
+                self._inner_optimizer,
+                model_state_dict=state_dict["model"],
+                optim_state_dict=state_dict["optimizer"],
+                options=self.state_dict_options,
+            )
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:

@@ -1,17 +1,26 @@
-"""DeepSpeed ZeRO-2/3 through the trainer on 2 CPU ranks: the same parameters as DDP."""
+"""DeepSpeed ZeRO-2/3 through the trainer on CPU ranks: the same parameters as DDP, and
+checkpoints that resume bit-identically in a new process (or are refused, naming why)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import torchrun
+from tests.conftest import ROOT, free_port, torchrun
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install '.[deepspeed]')")
 SCRIPT = Path(__file__).parent / "scripts" / "deepspeed_check.py"
+RESUME = Path(__file__).parent / "scripts" / "resume_run.py"
+# No ACCELERATE_USE_CPU: with it Accelerate picks MULTI_CPU and ignores the DeepSpeed plugin.
+DS_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "false"}
+N = 6
 pytestmark = pytest.mark.multiproc
 
 
@@ -32,9 +41,161 @@ def test_zero_matches_ddp_with_accumulation_clipping_and_schedule(tmp_path, ddp,
         torch.testing.assert_close(torch.tensor(result["params"][name]), torch.tensor(values), atol=1e-5, rtol=0)
 
 
-def test_checkpointing_under_deepspeed_is_refused_before_training(tmp_path):
-    proc = torchrun(SCRIPT, "ds2-checkpoint", str(tmp_path), check=False,
-                    env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "false"})
-    assert proc.returncode != 0
-    assert "error: CheckpointingHook does not support DeepSpeed yet: use FSDP2" in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
+# ---------------------------------------------------------------- checkpoint and resume
+# resume_run.py: AdamW, a warmup-cosine LR schedule, accumulation 2, clipping, dropout, shuffling
+# and 2 DataLoader workers; --kill-at K sends SIGTERM after step K (CheckpointingHook saves, exits).
+# Runs that do not depend on each other start together (the machine has 2 cores).
+
+
+def _start(workspace: Path, nproc: int, *args: str) -> tuple[subprocess.Popen, Path]:
+    workspace.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **DS_ENV}
+    script = [str(RESUME), str(workspace), "--max-steps", str(N), *args]
+    if nproc == 1:  # one process, no launcher: DeepSpeed joins an env:// group of one
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", *script]
+    log = workspace.parent / f"{workspace.name}-{len(list(workspace.parent.glob(workspace.name + '-*.log')))}.log"
+    with open(log, "w") as f:  # files, not pipes: concurrent runs must not block on a full pipe
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True), log
+
+
+def _finish(*started: tuple[subprocess.Popen, Path]) -> list[tuple[int, str]]:
+    results = []
+    for proc, log in started:
+        proc.wait(timeout=300)
+        results.append((proc.returncode, log.read_text()))
+    return results
+
+
+def _ok(result: tuple[int, str], expect: int | None = 0) -> str:
+    code, text = result
+    assert (code == expect) if expect is not None else code != 0, f"exit {code}\n{text[-6000:]}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory):
+    """ZeRO-2 on one process and ZeRO-3 on two ranks: uninterrupted runs to N, runs killed after
+    step 3 and resumed in a new process, and resumes of those checkpoints that must be refused."""
+    root = tmp_path_factory.mktemp("zero")
+    ws = {name: root / name for name in ("z2_a", "z2_b", "z3_a", "z3_b", "z2_as_z3", "z3_on_1")}
+    first = _finish(_start(ws["z2_a"], 1, "--deepspeed", "2"),
+                    _start(ws["z2_b"], 1, "--deepspeed", "2", "--kill-at", "3"),
+                    _start(ws["z3_a"], 2, "--deepspeed", "3"),
+                    # rank 0 gets the signal after step 2; the ranks agree on it and both save step 3
+                    _start(ws["z3_b"], 2, "--deepspeed", "3", "--kill-at", "2"))
+    _ok(first[0]), _ok(first[1], 143), _ok(first[2]), _ok(first[3], None)
+    latest = {k: (ws[k] / "checkpoints" / "checkpoint_latest").resolve().name for k in ("z2_b", "z3_b")}
+    shutil.copytree(ws["z2_b"] / "checkpoints", ws["z2_as_z3"] / "checkpoints", symlinks=True)
+    shutil.copytree(ws["z3_b"] / "checkpoints", ws["z3_on_1"] / "checkpoints", symlinks=True)
+    second = _finish(_start(ws["z2_b"], 1, "--deepspeed", "2"),
+                     _start(ws["z3_b"], 2, "--deepspeed", "3"),
+                     _start(ws["z2_as_z3"], 1, "--deepspeed", "3"),
+                     _start(ws["z3_on_1"], 1, "--deepspeed", "3"))
+    return {"ws": ws, "latest": latest, "resumed": {"z2_b": _ok(second[0]), "z3_b": _ok(second[1])},
+            "refused": {"z2_as_z3": second[2], "z3_on_1": second[3]}}
+
+
+def _steps(workspace: Path, rank: int) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (workspace / f"steps_rank{rank}.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines}  # a resumed run logs steps 4.. after the killed run's 1..3
+
+
+def _assert_resumed_exactly(a: Path, b: Path, rank: int, k: int = 3) -> dict:
+    sa, sb = _steps(a, rank), _steps(b, rank)
+    assert sorted(sa) == sorted(sb) == list(range(1, N + 1))
+    for s in range(k + 1, N + 1):
+        assert sb[s]["loss"] == sa[s]["loss"], f"rank {rank} step {s}: loss"
+        assert sb[s]["indices"] == sa[s]["indices"], f"rank {rank} step {s}: samples"
+        assert sb[s]["lr"] == sa[s]["lr"], f"rank {rank} step {s}: lr"
+    fa, fb = (torch.load(w / f"final_rank{rank}.pt", weights_only=True) for w in (a, b))
+    assert fa["step"] == fb["step"] == N and fa["lr"] == fb["lr"]
+    assert fa["engine"] == fb["engine"] and fa["engine"][0] == N  # DeepSpeed's own step and sample counters
+    assert fa["model"].keys() == fb["model"].keys()
+    for name, tensor in fa["model"].items():  # the full weights (gathered on rank 0 under ZeRO-3)
+        assert torch.equal(tensor, fb["model"][name]), name
+    za, zb = fa["optimizer"]["state"]["zero"], fb["optimizer"]["state"]["zero"]
+    assert za.keys() == zb.keys() and len(za) >= 4  # fp32 master partition, AdamW step and moments
+    for key, value in za.items():
+        assert torch.equal(value, zb[key]), (rank, key)
+    return fb
+
+
+def test_zero2_resumes_bit_identically_in_a_new_process(zero):
+    ws = zero["ws"]
+    assert zero["latest"]["z2_b"] == "checkpoint_step_3"
+    assert "resumed from" in zero["resumed"]["z2_b"] and "checkpoint_step_3 at step 3" in zero["resumed"]["z2_b"]
+    final = _assert_resumed_exactly(ws["z2_a"], ws["z2_b"], rank=0)
+    # Training moved the weights between step 3 and N (the comparison is not vacuous).
+    from safetensors.torch import load_file
+
+    at_3 = load_file(ws["z2_b"] / "checkpoints" / "checkpoint_step_3" / "model.safetensors")
+    assert at_3.keys() == final["model"].keys()
+    assert all(not torch.equal(at_3[name], final["model"][name]) for name in at_3)
+
+
+def test_zero3_on_two_ranks_resumes_bit_identically_in_a_new_process(zero):
+    ws = zero["ws"]
+    assert zero["latest"]["z3_b"] == "checkpoint_step_3"
+    assert "checkpoint_step_3 at step 3" in zero["resumed"]["z3_b"]
+    finals = [_assert_resumed_exactly(ws["z3_a"], ws["z3_b"], rank=r) for r in (0, 1)]
+    # Each rank held its own half: the partitions differ, and both moved after step 3.
+    shard = ws["z3_b"] / "checkpoints" / "checkpoint_step_3" / "optimizer_shard_{}.pt"
+    for r, final in enumerate(finals):
+        at_3 = torch.load(str(shard).format(r), weights_only=True)["fp32_flat_groups"][0]
+        now = final["optimizer"]["state"]["zero"]["zero.fp32_flat_groups.0"]
+        n = now.numel()  # rank 1's partition ends in padding that is never initialised
+        assert not torch.equal(at_3[:n], now)
+    assert not torch.equal(finals[0]["optimizer"]["state"]["zero"]["zero.fp32_flat_groups.0"][:10],
+                           finals[1]["optimizer"]["state"]["zero"]["zero.fp32_flat_groups.0"][:10])
+
+
+@pytest.mark.parametrize("run, stage, files", [
+    ("z2_b", 2, {"model.safetensors", "optimizer_shard_0.pt", "trainer_state.pt", "rank_state_0.pt"}),
+    ("z3_b", 3, {"optimizer_shard_0.pt", "optimizer_shard_1.pt", "trainer_state.pt", "rank_state_0.pt",
+                 "rank_state_1.pt"}),
+])
+def test_zero_checkpoint_has_a_valid_manifest_and_loads_without_unpickling(zero, run, stage, files):
+    from acceltrain.checkpoint import find_latest_checkpoint, verify_checkpoint
+
+    root = zero["ws"][run] / "checkpoints"
+    folder = root / "checkpoint_step_3"
+    manifest = verify_checkpoint(folder)  # every file with its size and CRC32
+    assert manifest["step"] == 3 and manifest["world_size"] == (1 if stage == 2 else 2)
+    assert manifest["deepspeed"] == {"zero_stage": stage, "mixed_precision": None}
+    assert set(manifest["files"]) == files
+    assert not list(root.glob(".tmp_*"))
+    assert find_latest_checkpoint(root, clean=False) == root / "checkpoint_step_6"  # the resumed run's last save
+    for name in files - {"model.safetensors"}:
+        torch.load(folder / name, weights_only=True)  # no DeepSpeed objects: nothing to unpickle
+
+
+@pytest.mark.parametrize("run, wanted", [
+    ("z2_as_z3", "saved with DeepSpeed ZeRO-2 (mixed precision no), this run is with DeepSpeed ZeRO-3"),
+    ("z3_on_1", "saved by 2 processes, this run has 1; resume with the same number of processes"),
+])
+def test_a_different_zero_stage_or_world_size_is_refused_naming_it(zero, run, wanted):
+    code, text = zero["refused"][run]
+    assert code == 2, text[-4000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: ") and wanted in last, last
+    ws = zero["ws"][run]
+    assert not (ws / "steps_rank0.jsonl").exists()  # refused before the first step
+    assert sorted(p.name for p in (ws / "checkpoints").iterdir()) == ["checkpoint_latest", "checkpoint_step_3"]
+
+
+def test_a_zero_checkpoint_is_refused_by_a_run_without_deepspeed(zero, tmp_path):
+    from acceltrain import CheckpointingHook
+    from acceltrain.checkpoint import CheckpointError
+    from tests.helpers import ToyTrainer
+
+    folder = zero["ws"]["z2_as_z3"] / "checkpoints" / "checkpoint_step_3"
+    hook = CheckpointingHook(load=folder, exit_signals=[])
+    trainer = ToyTrainer(max_steps=4, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook])
+    with pytest.raises(CheckpointError, match=r"saved with DeepSpeed ZeRO-2 .*this run is without DeepSpeed"):
+        trainer.train()
+    assert trainer.step == 0

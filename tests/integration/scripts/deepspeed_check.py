@@ -17,17 +17,6 @@ from tests.helpers import ToyTrainer  # noqa: E402
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
-    if mode == "ds2-checkpoint":
-        from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-        from acceltrain import CheckpointingHook
-        from acceltrain.config import exit_on_user_error
-
-        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=2),
-                          kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-        trainer = ToyTrainer(accelerator=acc, max_steps=2, workspace=out, hooks=[CheckpointingHook(interval=1)])
-        exit_on_user_error(trainer.train)()
     kw = dict(max_steps=8, gradient_accumulation_steps=2, batch_size=4, n=128, optimizer="adamw", grad_clip=0.5,
               scheduler=True)
     if mode.startswith("ds"):

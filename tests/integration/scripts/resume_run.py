@@ -1,7 +1,7 @@
 """A training run that can be interrupted by a signal at a chosen point, for the exact-resume tests.
 
 Usage: resume_run.py WORKSPACE --max-steps N [--kill-at K [--mid-window] [--kill-rank R]]
-       [--workers W] [--accum A] [--batch-size B] [--slow-save-at S]
+       [--workers W] [--accum A] [--batch-size B] [--slow-save-at S] [--fsdp | --deepspeed STAGE]
 
 Shuffling, dropout, an LR schedule, AdamW, accumulation and DataLoader workers are all on, so
 every source of state a resume must restore matters. Each rank appends one JSON line per
@@ -104,6 +104,16 @@ class KillAfterStep(BaseHook):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def real_elements(trainer: BaseTrainer, group: int, flat: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 fp32 partition of sub-group ``group`` without the padding of each parameter."""
+    rank, pieces, offset = trainer.accelerator.process_index, [], 0
+    for param in trainer.model.optimizer.fp16_groups[group]:
+        size = param.partition_numel()
+        pieces.append(flat[offset:offset + min(size, max(0, param.ds_numel - rank * size))])
+        offset += size
+    return torch.cat(pieces)
+
+
 @exit_on_user_error
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -120,6 +130,7 @@ def main() -> None:
     ap.add_argument("--no-shuffle", action="store_true")
     ap.add_argument("--second-signal", action="store_true", help="SIGTERM again in the middle of the save")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the CPU ranks (tests.helpers shim)")
+    ap.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO-STAGE (gloo, CPU)")
     args = ap.parse_args()
 
     if args.slow_save_at is not None:
@@ -153,6 +164,15 @@ def main() -> None:
         from tests.helpers import cpu_fsdp2_accelerator
 
         placement = {"accelerator": cpu_fsdp2_accelerator()}
+    if args.deepspeed is not None:
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        plugin = DeepSpeedPlugin(zero_stage=args.deepspeed, zero3_save_16bit_model=True)
+        if args.deepspeed == 3:  # partition every parameter, however small (the default keeps these whole)
+            plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        placement = {"accelerator": Accelerator(deepspeed_plugin=plugin, step_scheduler_with_optimizer=False,
+                                                kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])}
     trainer = ResumeTrainer(args, max_steps=args.max_steps, gradient_accumulation_steps=args.accum,
                             grad_clip=1.0, workspace=args.workspace, **placement)
     if args.kill_at is not None and not args.mid_window:
@@ -160,6 +180,35 @@ def main() -> None:
         trainer.build_hooks = lambda: [*original_build(), KillAfterStep(args.kill_at, args.kill_rank)]
     trainer.train()
     rank = trainer.accelerator.process_index
+    if args.deepspeed is not None:
+        # torch's get_state_dict cannot read a ZeRO optimizer: gather the weights through
+        # Accelerate and take this rank's partition (fp32 master, moments, step) as plain tensors.
+        from acceltrain.checkpoint_deepspeed import optimizer_state
+
+        full = trainer.accelerator.get_state_dict(trainer.model) or {}  # ZeRO-3: on rank 0 only
+        model = {k: v.detach().clone() for k, v in full.items()}
+        flat: dict[str, torch.Tensor] = {}
+
+        def collect(obj, path: str) -> None:
+            if isinstance(obj, torch.Tensor):
+                flat[path] = obj.detach().clone()
+            elif isinstance(obj, dict):
+                for k, v in obj.items():
+                    collect(v, f"{path}.{k}")
+            elif isinstance(obj, (list, tuple)):
+                for i, v in enumerate(obj):
+                    collect(v, f"{path}.{i}")
+
+        zero = optimizer_state(trainer)
+        if args.deepspeed == 3:  # the tail of each parameter's partition is padding, never initialised
+            zero["fp32_flat_groups"] = [real_elements(trainer, i, g) for i, g in enumerate(zero["fp32_flat_groups"])]
+        collect(zero, "zero")
+        torch.save({"model": model, "optimizer": {"state": {"zero": flat}}, "step": trainer.step,
+                    "lr": [g["lr"] for g in trainer.model.optimizer.param_groups],
+                    "engine": [trainer.model.global_steps, trainer.model.global_samples, trainer.model.skipped_steps]},
+                   args.workspace / f"final_rank{rank}.pt")
+        trainer.close()
+        return
     state = trainer.state_dict()
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 shards)
     from acceltrain.utils import map_nested_tensor
