@@ -287,6 +287,7 @@ def summarize(runs: Sequence[dict[str, Any]], impls: Sequence[str], reference: s
             "spread": (max(sps) - min(sps)) / med,
             "ratio_to_raw": med / ref_sps,
             "paired_ratios": [r["steps_per_s"] / ref_by_repeat[r["repeat"]] for r in rs],
+            "paired_ratio": median([r["steps_per_s"] / ref_by_repeat[r["repeat"]] for r in rs]),
             "overhead_us_per_step": (1.0 / med - 1.0 / ref_sps) * 1e6,
             # CPU time per step is far less disturbed by other processes than wall time (on one
             # thread; with several, OpenMP's spinning counts too).
