@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
+from torch.nn.parallel import DistributedDataParallel
 
 from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
@@ -347,7 +350,18 @@ class BaseTrainer(GradientOps):
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module under DDP/FSDP/DeepSpeed/``torch.compile`` wrappers."""
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if "deepspeed" in sys.modules:
+            return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        # Accelerate's unwrap_model imports DeepSpeed whenever it is installed, only to recognise
+        # its engine (~25 MiB of RSS and its start-up log); no engine exists before that import.
+        from accelerate.utils import is_compiled_module
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if is_compiled_module(model):
+            model = model._orig_mod
+        while isinstance(model, (DistributedDataParallel, torch.nn.DataParallel, FullyShardedDataParallel)):
+            model = model.module
+        return model
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -622,6 +636,7 @@ class BaseTrainer(GradientOps):
         self._call_hook("on_after_step")
 
 
+_EXIT_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
@@ -647,6 +662,14 @@ def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _destroy_process_group() -> None:
-    # gloo aborts the interpreter at exit if the process group is still alive.
+    # gloo aborts the interpreter at exit ("terminate called without an active exception") if
+    # the process group is still alive, and now and then when one rank tears it down while a
+    # peer still talks on it: meet first. A peer that died does not come; after the timeout the
+    # group goes anyway.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "gloo":
+            try:
+                torch.distributed.monitored_barrier(timeout=_EXIT_BARRIER_TIMEOUT)
+            except RuntimeError:
+                pass
         torch.distributed.destroy_process_group()

@@ -21,6 +21,7 @@ from ..checkpoint import (
     load_checkpoint,
     point_link,
     save_checkpoint,
+    verify_checkpoint,
 )
 from ..utils import flatten_dict, to_float
 from .base import BaseHook
@@ -128,17 +129,27 @@ class CheckpointingHook(BaseHook):
             return
         acc = trainer.accelerator
         root = self.root(trainer)
+        # One rank checks sizes and CRC32s (reading every file once, not once per rank) and
+        # picks; every rank then loads the same folder.
         if self.load == "latest":
-            # One rank picks (and cleans up); every rank loads the same folder.
             chosen = find_latest_checkpoint(root) if acc.is_main_process else None
             chosen = _broadcast_path(trainer, chosen)
         else:
             chosen = Path(self.load)
             if not chosen.is_dir():
                 raise CheckpointError(f"load={str(self.load)!r}: no such checkpoint folder")
+            problem = None
+            if acc.is_main_process:
+                try:
+                    verify_checkpoint(chosen)
+                except CheckpointError as e:
+                    problem = str(e)
+            problem = _broadcast_text(trainer, problem)
+            if problem is not None:
+                raise CheckpointError(problem)
         if chosen is None:
             return
-        load_checkpoint(trainer, chosen, strict=self.strict)
+        load_checkpoint(trainer, chosen, strict=self.strict, verify=False)
         self.loaded_from = chosen
         self._last_saved = trainer.step
         if acc.is_main_process:
@@ -257,14 +268,20 @@ class CheckpointingHook(BaseHook):
             trainer.exit_code = 128 + signum if self.exit_code == "128+signal" else int(self.exit_code)
 
 
-def _broadcast_path(trainer: BaseTrainer, path: Path | None) -> Path | None:
+def _broadcast_text(trainer: BaseTrainer, text: str | None) -> str | None:
+    """The main process's ``text`` on every rank."""
     if trainer.accelerator.num_processes == 1:
-        return path
+        return text
     from accelerate.utils import broadcast_object_list
 
-    box = [str(path) if path is not None else None]
+    box = [text]
     broadcast_object_list(box, from_process=0)
-    return Path(box[0]) if box[0] is not None else None
+    return box[0]
+
+
+def _broadcast_path(trainer: BaseTrainer, path: Path | None) -> Path | None:
+    text = _broadcast_text(trainer, str(path) if path is not None else None)
+    return Path(text) if text is not None else None
 
 
 def _agreed_signal(trainer: BaseTrainer, signum: int | None) -> int | None:

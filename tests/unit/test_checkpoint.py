@@ -75,6 +75,22 @@ def test_explicit_load_of_corrupt_checkpoint_is_an_error_naming_the_file(tmp_pat
         t.train()
 
 
+@pytest.mark.parametrize("load", ["latest", "explicit"])
+def test_resume_reads_each_file_for_its_checksum_once(tmp_path, monkeypatch, load):
+    import acceltrain.checkpoint as ckpt
+
+    _train(tmp_path, 2)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    read = []
+    real = ckpt._crc32
+    monkeypatch.setattr(ckpt, "_crc32", lambda path: read.append(path.name) or real(path))
+    hook = CheckpointingHook(load="latest" if load == "latest" else folder, exit_signals=[], interval=100)
+    t = ToyTrainer(max_steps=2, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook])
+    t.train()
+    assert hook.loaded_from == folder and t.step == 2
+    assert sorted(read) == sorted(json.loads((folder / "manifest.json").read_text())["files"])
+
+
 def test_missing_load_path_is_an_error(tmp_path):
     hook = CheckpointingHook(load=tmp_path / "nope", exit_signals=[])
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):

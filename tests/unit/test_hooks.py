@@ -70,8 +70,7 @@ def test_figure_sums_fold_in_batches_exactly_and_survive_a_state_round_trip():
         sums, counts = s.totals()
         assert counts == {"loss": 10, "step_time": 10}
         # float32 values summed in float64 are exact here, whatever the batching.
-        assert sums["loss"].dtype == torch.float64
-        assert sums["loss"].item() == sum(float(v) for v in values)
+        assert float(sums["loss"]) == sum(float(v) for v in values)
         assert sums["step_time"] == 22.5
 
 
