@@ -628,7 +628,7 @@ class BaseTrainer(GradientOps):
         if self._data.exhausted:
             self.request_stop("data exhausted")
         info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
-        info["records"] = records[0] if len(records) == 1 else _mean_records(records)
+        info["records"] = (records[0] if len(records) == 1 else _mean_records(records)) if records else {}
         info["non_finite_retries"] = retries
         info["skipped_batches"] = skipped
         info["data_time"] = data_time

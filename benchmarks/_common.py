@@ -302,6 +302,8 @@ def summarize(runs: Sequence[dict[str, Any]], impls: Sequence[str], reference: s
             "max_other_cpus": max(others) if others else None,
             "contended_runs": sum(contended(r) for r in rs),
             "process_s": median([r["process_s"] for r in rs]),
+            "hook_share": (median([r["hook_share"] for r in rs])
+                           if all(r.get("hook_share") is not None for r in rs) else None),
         }
     return summary
 

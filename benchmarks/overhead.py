@@ -263,6 +263,7 @@ class Measurement:
     mem_kind: str  # "peak_rss" or "cuda_max_allocated"
     train_mem_mib: float  # peak minus the memory before the model was built
     eval_loss: float
+    hook_share: float | None = None  # time inside the timed hook / the timed window
 
 
 # ---------------------------------------------------------------------------- rows
@@ -384,11 +385,40 @@ def _guard_hooks() -> list[Any]:
     return [*_default_hooks(), GuardHook()]
 
 
-def run_acceltrain(w: Workload, hooks: Callable[[], list[Any]] = _default_hooks) -> Measurement:
-    """A ``BaseTrainer`` subclass with the hooks ``hooks()`` returns (workspace in a temp dir)."""
+def _time_hook(hook: Any, clock: StepClock) -> list[float]:
+    """Wrap ``hook``'s event methods so the wall time spent in them inside the clock's timed
+    window adds up in the returned one-element list."""
+    from acceltrain import EVENTS, BaseHook
+
+    spent = [0.0]
+
+    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                if clock.t0 is not None and clock.t1 is None:
+                    spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    for name in EVENTS:  # the trainer picks hooks by their class, then calls the instance's method
+        if getattr(type(hook), name) is not getattr(BaseHook, name):
+            setattr(hook, name, timed(getattr(hook, name)))
+    return spent
+
+
+def run_acceltrain(w: Workload, hooks: Callable[[], list[Any]] = _default_hooks,
+                   timed_hook: str | None = None) -> Measurement:
+    """A ``BaseTrainer`` subclass with the hooks ``hooks()`` returns (workspace in a temp dir).
+
+    ``timed_hook``: the class name of a hook whose own time is measured (``hook_share``: its
+    share of the timed window), a direct figure that the noise between processes cannot blur.
+    """
     from acceltrain import BaseHook, BaseTrainer
 
     clock = w.clock()
+    timers: list[list[float]] = []  # one [seconds] per timed hook
 
     class ClockHook(BaseHook):
         # Last in the list: the window includes the other hooks' work on its last step.
@@ -409,7 +439,11 @@ def run_acceltrain(w: Workload, hooks: Callable[[], list[Any]] = _default_hooks)
             return w.build_optimizer(self.model)
 
         def build_hooks(self) -> list[BaseHook]:
-            return [*hooks(), ClockHook()]
+            made = hooks()
+            for hook in made:
+                if type(hook).__name__ == timed_hook:
+                    timers.append(_time_hook(hook, clock))
+            return [*made, ClockHook()]
 
         def forward(self, input: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
             return self.model(**input)["loss"], {}
@@ -417,7 +451,10 @@ def run_acceltrain(w: Workload, hooks: Callable[[], list[Any]] = _default_hooks)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = BenchTrainer(max_steps=w.total_steps, grad_clip=GRAD_CLIP, workspace=tmp, device=w.device)
         trainer.train()
-        return w.measure(clock, trainer.unwrapped_model)
+        m = w.measure(clock, trainer.unwrapped_model)
+    if timers:
+        m.hook_share = sum(t[0] for t in timers) / clock.elapsed
+    return m
 
 
 #: Row name -> what runs it. ``raw`` is the reference every ratio is taken against.
@@ -427,7 +464,7 @@ IMPLS: dict[str, Callable[[Workload], Measurement]] = {
     "hf_trainer": run_hf_trainer,
     "acceltrain": run_acceltrain,
     "acceltrain_bare": functools.partial(run_acceltrain, hooks=_no_hooks),
-    "acceltrain_guard": functools.partial(run_acceltrain, hooks=_guard_hooks),
+    "acceltrain_guard": functools.partial(run_acceltrain, hooks=_guard_hooks, timed_hook="GuardHook"),
 }
 DEFAULT_IMPLS = ("raw", "accelerate", "hf_trainer", "acceltrain")
 REFERENCE = "raw"
@@ -501,11 +538,13 @@ def check_targets(case: Case, summary: dict[str, dict[str, Any]]) -> tuple[bool,
         ahead = summary["acceltrain"]["steps_per_s"] > summary["hf_trainer"]["steps_per_s"]
         ok &= ahead
         lines.append(f"target acceltrain ahead of hf_trainer: {'OK' if ahead else 'MISSED'}")
-    if case.name == "gpt" and "acceltrain_guard" in summary:
-        cost = 1.0 - summary["acceltrain_guard"]["paired_ratio"] / summary["acceltrain"]["paired_ratio"]
+    if case.name == "gpt" and summary.get("acceltrain_guard", {}).get("hook_share") is not None:
+        # Measured inside the process (time in the guard's hooks / step time): the difference of
+        # two rows run in separate processes is far noisier than 2% on a shared VM.
+        cost = summary["acceltrain_guard"]["hook_share"]
         ok &= cost <= GUARD_MAX_COST
-        lines.append(f"target GuardHook costs <= {GUARD_MAX_COST:.0%} of step time: {cost:+.1%} "
-                     f"{'OK' if cost <= GUARD_MAX_COST else 'MISSED'}")
+        lines.append(f"target GuardHook costs <= {GUARD_MAX_COST:.0%} of step time: {cost:.2%} of the timed "
+                     f"window spent in its hooks (median over repeats) {'OK' if cost <= GUARD_MAX_COST else 'MISSED'}")
     return ok, lines
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,14 +113,29 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         start = self._start
         remaining = self.epoch_order(self.epoch)[start:].tolist()  # slice: skipped indices never read
-        self._position = start
-        for index in remaining:
-            self._position += 1
-            yield index
+        it = iter(remaining)
+        # The position is read off the list iterator when asked for (see _position): no Python
+        # bookkeeping per index on the data path.
+        self._pass = (start + len(remaining), it)
+        yield from it
         # A complete pass: the next one is a new epoch.
+        self._pass = None
         self.epoch += 1
         self._start = 0
         self._position = 0
+
+    @property
+    def _position(self) -> int:
+        """Indices handed out in this epoch so far (start included)."""
+        if self._pass is not None:
+            end, it = self._pass
+            return end - operator.length_hint(it)
+        return self._offset
+
+    @_position.setter
+    def _position(self, value: int) -> None:
+        self._pass = None
+        self._offset = value
 
     def __len__(self) -> int:
         """Samples the next pass yields: ``num_samples`` minus the start offset."""

@@ -19,7 +19,8 @@ _last_figures: tuple[dict[str, Any] | None, int, dict[str, Any]] = (None, 0, {})
 
 
 def step_figures(info: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one step's ``step_info`` worth aggregating (tensors stay on device).
+    """The numbers of one step's ``step_info`` worth aggregating: accelerator tensors stay on
+    their device (no sync), CPU tensors become floats (see ``FigureSums``).
 
     Several hooks read the same step: the result is reused while ``info`` is the same dict
     with the same keys (treat it as read-only)."""
@@ -46,6 +47,9 @@ def _step_figures(info: dict[str, Any]) -> dict[str, Any]:
     for key, value in info.items():  # figures other hooks put in (max_memory, tokens, ...)
         if key not in out and key not in _NOT_FIGURES and _numeric(value):
             out[key] = value
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            out[key] = value.item()
     return out
 
 
