@@ -93,6 +93,61 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def ab(args: argparse.Namespace) -> dict[str, float]:
+    """The recipe's step and the raw loop in one process, alternating ``--chunk`` steps (ABBA):
+    the machine's drift between separate runs cannot move this ratio."""
+    import copy
+
+    import torch
+
+    from acceltrain.config import parse_config
+    from acceltrain.recipe_kit import adamw_with_decay_groups, warmup_cosine
+
+    recipe = load_recipe()
+    cfg = parse_config(recipe.PretrainConfig, recipe_args(args, Path(args.tmp) / "ab"))
+    trainer = recipe.PretrainTrainer(cfg)
+    trainer._build()  # train() is on_before_train, then _run_step() until done
+    trainer._call_hook("on_before_train")
+    model = copy.deepcopy(trainer.unwrapped_model)  # the same weights, trained separately
+    opt = adamw_with_decay_groups(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
+    loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+
+    def epochs():
+        while True:
+            yield from loader
+
+    batches = epochs()
+
+    def raw_step() -> None:
+        batch = next(batches)
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(step, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return time.perf_counter() - t0
+
+    timed(raw_step, args.warmup)
+    timed(trainer._run_step, args.warmup)
+    raw_t, at_t = [], []
+    for i in range(args.pairs):
+        order = [(raw_step, raw_t), (trainer._run_step, at_t)]
+        for step, times in order if i % 2 == 0 else order[::-1]:
+            times.append(timed(step, args.chunk))
+    ratios = [r / a for r, a in zip(raw_t, at_t, strict=True)]
+    return {"ratio_total": sum(raw_t) / sum(at_t), "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "raw_tokens_per_s": args.pairs * args.chunk * cfg.batch_size * cfg.seq_len / sum(raw_t),
+            "acceltrain_tokens_per_s": args.pairs * args.chunk * cfg.batch_size * cfg.seq_len / sum(at_t)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -102,6 +157,10 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
+    ap.add_argument("--ab", action="store_true",
+                    help="instead: the recipe's step and the raw loop in one process, alternating chunks (ABBA)")
+    ap.add_argument("--pairs", type=int, default=8, help="with --ab: chunk pairs")
+    ap.add_argument("--chunk", type=int, default=5, help="with --ab: steps per chunk")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -109,6 +168,18 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
     import tempfile
+
+    if args.ab:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.tmp, args.steps = tmp, 10**6  # no final checkpoint or end of schedule inside the run
+            result = ab(args)
+        print(f"{args.model_size} preset, batch {args.batch_size} x seq {args.seq_len}, {args.pairs} ABBA pairs of "
+              f"{args.chunk} steps in one process: raw {result['raw_tokens_per_s']:,.0f} tokens/s, recipe "
+              f"{result['acceltrain_tokens_per_s']:,.0f}; recipe / raw total {result['ratio_total']:.4f}x, median of "
+              f"pairs {result['ratio_median']:.4f}x ({result['ratio_min']:.3f}..{result['ratio_max']:.3f})")
+        out = args.out.with_name(args.out.stem + "_ab.json")
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        return
 
     impls = ["raw", "acceltrain"]
     results: dict[str, list[dict]] = {k: [] for k in impls}
