@@ -20,7 +20,7 @@ _last_figures: tuple[dict[str, Any] | None, int, dict[str, Any]] = (None, 0, {})
 
 def step_figures(info: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one step's ``step_info`` worth aggregating: accelerator tensors stay on
-    their device (no sync), CPU tensors become floats (see ``FigureSums``).
+    their device (no sync), CPU tensors become floats, once for all hooks (see ``FigureSums``).
 
     Several hooks read the same step: the result is reused while ``info`` is the same dict
     with the same keys (treat it as read-only)."""
@@ -70,9 +70,10 @@ class FigureSums:
 
     ``add`` only appends: accelerator tensors are summed in batches of ``fold`` (one stack and
     sum per key instead of one tensor add per step), so the host never waits for the device.
-    CPU tensors are read as floats at once: kept alive between steps, small tensors pin the
-    heap under each step's activations and peak RSS creeps up (~1.5 MiB a step measured for a
-    small GPT). ``totals()`` gives float64 sums, as tensors where any value was a device tensor."""
+    Give it CPU figures as floats (``step_figures`` does): small CPU tensors kept alive between
+    steps pin the heap under each step's activations and peak RSS creeps up (~1.5 MiB a step
+    measured for a small GPT). ``totals()`` gives float64 sums, as tensors where any value was
+    a tensor."""
 
     def __init__(self, fold: int = 64):
         self.fold = fold
@@ -83,8 +84,6 @@ class FigureSums:
     def add(self, figures: dict[str, Any]) -> None:
         pending, counts = self._pending, self.counts
         for key, value in figures.items():
-            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-                value = value.item()
             values = pending.get(key)
             if values is None:
                 pending[key] = [value]
