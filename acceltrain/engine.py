@@ -100,10 +100,22 @@ class GradientOps:
             return torch.tensor(math.inf, device=self.device)
         return torch.tensor(float(norm) if norm is not None else 0.0, device=self.device)
 
+    def _start_agreement(self, contributed: int) -> None:
+        """Launch the step's agreement (micro-batches with a loss, anyone stopping?) before the
+        window's last backward, so it completes beside it (see ``_agree_early``)."""
+        flags = torch.tensor([float(contributed), float(self._stop_local)], device=self.device)
+        self._agreement = (flags, torch.distributed.all_reduce(flags, async_op=True))  # SUM
+
     def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
         """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
         if not self._sync_needed:
             return math.isfinite(grad_norm.item()), contributed, self._stop_local
+        if self._agreement is not None:
+            # The gradients were reduced across ranks, so finiteness is the same everywhere.
+            (flags, work), self._agreement = self._agreement, None
+            work.wait()
+            total, stop = flags.tolist()
+            return math.isfinite(grad_norm.item()), int(total), stop > 0
         flags = torch.stack(
             [
                 (~torch.isfinite(grad_norm)).to(torch.float32),

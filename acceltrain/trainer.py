@@ -436,6 +436,15 @@ class BaseTrainer(GradientOps):
         self._world = acc.num_processes
         self._items_mode = type(self).count_loss_items is not BaseTrainer.count_loss_items
         self.loss_items: torch.Tensor | None = None
+        # Where the engine's own gradient reduction already makes every rank see the same
+        # non-finite gradients (DDP's all-reduce of every parameter, FSDP's and DeepSpeed's
+        # global norms), the per-step agreement only has to count losses and stop requests: both
+        # are known before the last backward, so it runs asynchronously beside it instead of
+        # adding a rendezvous after clipping (measured: ~3% of a 25 ms step on 2 gloo ranks).
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        self._agree_early = self._sync_needed and (
+            self._deepspeed or not self._fast_path or ddp and not self.model.parameters_to_ignore)
+        self._agreement: tuple[torch.Tensor, Any] | None = None
 
         self.hooks = list(self.build_hooks() or [])
         for hook in self.hooks:
@@ -504,20 +513,21 @@ class BaseTrainer(GradientOps):
             # micro-batch count: forward returns sums; W undoes DDP's gradient averaging.
             items = sum(torch.as_tensor(self.count_loss_items(b), dtype=torch.float32, device=self.device)
                         for b in batches)
-            if self._sync_needed:
-                torch.distributed.all_reduce(items)
+            # Summed across ranks while the first forward runs; waited for before its backward.
+            items_work = torch.distributed.all_reduce(items, async_op=True) if self._sync_needed else None
             self.loss_items = items
-            scale = self._world / items.clamp(min=1)
+            scale = None
         else:
             scale = 1.0 / k
         unit = k == 1 and not self._items_mode  # then no `loss * 1.0` kernel per micro-batch
         loss_sum: torch.Tensor | None = None
         contributed = 0
         records: list[dict] = []
+        last = len(batches) - 1
         for micro, batch in enumerate(batches):
             sync_ctx = (
                 self.accelerator.no_sync(self.model)
-                if self._use_no_sync and micro < len(batches) - 1
+                if self._use_no_sync and micro < last
                 else _NO_CONTEXT
             )
             with sync_ctx:
@@ -525,16 +535,23 @@ class BaseTrainer(GradientOps):
                     loss, rec = self.forward(batch)
                 if rec:
                     records.append(rec)
+                if loss is None and self._use_no_sync and micro == last and contributed:
+                    # Gradients of this window were accumulated under no_sync and only the
+                    # last backward would all-reduce them: stepping now would let replicas drift.
+                    raise ValueError(
+                        f"step {self.step + 1}: forward() returned None on the last micro-batch of an "
+                        "accumulation window after earlier ones returned a loss; under DDP/FSDP the "
+                        "gradients are synchronised by that last backward: return a zero loss there "
+                        "(e.g. 0 * output.sum()) instead of None")
+                if micro == last and self._agree_early:
+                    self._start_agreement(contributed + (loss is not None))
                 if loss is None:
-                    if self._use_no_sync and micro == len(batches) - 1 and contributed:
-                        # Gradients of this window were accumulated under no_sync and only the
-                        # last backward would all-reduce them: stepping now would let replicas drift.
-                        raise ValueError(
-                            f"step {self.step + 1}: forward() returned None on the last micro-batch of an "
-                            "accumulation window after earlier ones returned a loss; under DDP/FSDP the "
-                            "gradients are synchronised by that last backward: return a zero loss there "
-                            "(e.g. 0 * output.sum()) instead of None")
                     continue
+                if scale is None:  # items mode, first loss of the window
+                    if items_work is not None:
+                        items_work.wait()
+                        items_work = None
+                    scale = self._world / items.clamp(min=1)
                 if self._deepspeed:
                     # The engine divides by its gradient_accumulation_steps (= k) itself.
                     self.model.set_gradient_accumulation_boundary(micro == len(batches) - 1)
@@ -544,6 +561,8 @@ class BaseTrainer(GradientOps):
             contributed += 1
             detached = loss.detach() * scale if self._items_mode else loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
+        if self._items_mode and items_work is not None:  # no micro-batch gave a loss
+            items_work.wait()
         return loss_sum, contributed, records, positions, data_time
 
     def _run_step(self) -> None:

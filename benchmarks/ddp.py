@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, DIM, HIDDEN = 64, 256, 1024
@@ -52,44 +53,84 @@ def counting_hook(counter: list[int]):
     return hook
 
 
-def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] | None:
+def raw_loop(accum: int, counter: list[int]):
+    """The hand-written DDP loop on the default process group: returns its one-step function."""
     import torch
     import torch.nn.functional as F
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    model.register_comm_hook(None, counting_hook(counter))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = torch.utils.data.DistributedSampler(make_data(), num_replicas=world, rank=rank, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(make_data(), batch_size=BATCH, sampler=sampler, drop_last=True)
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+
+    def step() -> None:
+        for micro in range(accum):
+            x, y = next(it)
+            ctx = model.no_sync() if micro < accum - 1 else torch.enable_grad()
+            with ctx:
+                (F.cross_entropy(model(x), y) / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_trainer(accum: int, steps: int, hooks: list):
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from acceltrain import BaseTrainer
+
+    class MLP(BaseTrainer):
+        def build_data_loader(self):
+            return torch.utils.data.DataLoader(make_data(), batch_size=BATCH, shuffle=True, drop_last=True)
+
+        def build_model(self):
+            return make_model()
+
+        def build_optimizer(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+
+        def build_hooks(self):
+            return hooks
+
+        def forward(self, input):
+            x, y = input
+            return F.cross_entropy(self.model(x), y), {}
+
+    return MLP(max_steps=steps, gradient_accumulation_steps=accum, grad_clip=1.0, device="cpu", data_seed=0)
+
+
+def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] | None:
+    import torch
 
     torch.set_num_threads(1)
     counter = [0]
     if impl == "raw":
         torch.distributed.init_process_group("gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        model = torch.nn.parallel.DistributedDataParallel(make_model())
-        model.register_comm_hook(None, counting_hook(counter))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        sampler = torch.utils.data.DistributedSampler(make_data(), num_replicas=world, rank=rank, shuffle=True, seed=0)
-        loader = torch.utils.data.DataLoader(make_data(), batch_size=BATCH, sampler=sampler, drop_last=True)
-
-        def batches():
-            epoch = 0
-            while True:
-                sampler.set_epoch(epoch)
-                yield from loader
-                epoch += 1
-
-        it = batches()
-        for step in range(steps):
-            if step == warmup:
+        rank = torch.distributed.get_rank()
+        step = raw_loop(accum, counter)
+        for i in range(steps):
+            if i == warmup:
                 counter[0], start = 0, time.perf_counter()
-            for micro in range(accum):
-                x, y = next(it)
-                ctx = model.no_sync() if micro < accum - 1 else torch.enable_grad()
-                with ctx:
-                    (F.cross_entropy(model(x), y) / accum).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
         seconds = time.perf_counter() - start
+        torch.distributed.destroy_process_group()
     else:
-        sys.path.insert(0, str(ROOT))
-        from acceltrain import BaseHook, BaseTrainer
+        from acceltrain import BaseHook
 
         marks: dict[str, float] = {}
 
@@ -103,34 +144,55 @@ def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] |
                 if trainer.step == steps:
                     marks["end"] = time.perf_counter()
 
-        class MLP(BaseTrainer):
-            def build_data_loader(self):
-                return torch.utils.data.DataLoader(make_data(), batch_size=BATCH, shuffle=True, drop_last=True)
-
-            def build_model(self):
-                return make_model()
-
-            def build_optimizer(self):
-                return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-
-            def build_hooks(self):
-                return [Clock()]
-
-            def forward(self, input):
-                x, y = input
-                return F.cross_entropy(self.model(x), y), {}
-
-        trainer = MLP(max_steps=steps, gradient_accumulation_steps=accum, grad_clip=1.0, device="cpu", data_seed=0)
+        trainer = make_trainer(accum, steps, [Clock()])
         trainer.train()
         rank = trainer.accelerator.process_index
         seconds = marks["end"] - marks["start"]
         trainer.close()
     timed = steps - warmup
-    if impl == "raw":
-        torch.distributed.destroy_process_group()
     if rank != 0:
         return None
     return {"steps_per_s": timed / seconds, "allreduces_per_step": counter[0] / timed}
+
+
+def worker_ab(accum: int, pairs: int, chunk: int, warmup: int) -> dict[str, Any] | None:
+    """Both loops in the same two processes, on the same process group, alternating ``chunk``
+    steps in ABBA order: the machine's drift between runs cannot move this ratio."""
+    import torch
+
+    torch.set_num_threads(1)
+    trainer = make_trainer(accum, 10**9, [])
+    trainer._build()  # initialises the process group; train() is on_before_train, then _run_step()
+    trainer._call_hook("on_before_train")
+    at_counter, raw_counter = [0], [0]
+    trainer.model.register_comm_hook(None, counting_hook(at_counter))
+    raw_step = raw_loop(accum, raw_counter)
+
+    def timed(step, n: int) -> float:
+        torch.distributed.barrier()  # both ranks start the chunk together
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        return time.perf_counter() - t0
+
+    timed(raw_step, warmup)
+    timed(trainer._run_step, warmup)
+    at_counter[0] = raw_counter[0] = 0
+    raw_t, at_t = [], []
+    for i in range(pairs):
+        order = [(raw_step, raw_t), (trainer._run_step, at_t)]
+        for step, times in order if i % 2 == 0 else order[::-1]:
+            times.append(timed(step, chunk))
+    rank = trainer.accelerator.process_index
+    trainer.close()
+    if rank != 0:
+        return None
+    ratios = [r / a for r, a in zip(raw_t, at_t, strict=True)]
+    n = pairs * chunk
+    return {"raw_steps_per_s": n / sum(raw_t), "acceltrain_steps_per_s": n / sum(at_t),
+            "ratio_total": sum(raw_t) / sum(at_t), "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+            "raw_allreduces_per_step": raw_counter[0] / n, "acceltrain_allreduces_per_step": at_counter[0] / n}
 
 
 def free_port() -> int:
@@ -139,29 +201,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           __file__, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--ab", action="store_true",
+                    help="instead: both loops in the same two processes, alternating chunks (ABBA)")
+    ap.add_argument("--pairs", type=int, default=16, help="with --ab: chunk pairs")
+    ap.add_argument("--chunk", type=int, default=10, help="with --ab: steps per chunk")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        result = worker(args.worker[0], int(args.worker[1]), args.steps, args.warmup)
+        if args.worker[0] == "ab":
+            result = worker_ab(int(args.worker[1]), args.pairs, args.chunk, args.warmup)
+        else:
+            result = worker(args.worker[0], int(args.worker[1]), args.steps, args.warmup)
         if result is not None:
             print(json.dumps(result))
         return
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if args.ab:
+        results = {}
+        print(f"2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, both loops in one torchrun job, "
+              f"{args.pairs} ABBA pairs of {args.chunk} steps")
+        print(f"{'accumulation':>12} {'raw steps/s':>12} {'acceltrain':>11} {'total':>7} {'median':>7} {'pairs':>13} "
+              f"{'all-reduces/step raw, acceltrain':>33}")
+        for accum in (1, 4):
+            r = results[accum] = torchrun(["--worker", "ab", str(accum), "--pairs", str(args.pairs), "--chunk",
+                                           str(args.chunk), "--warmup", str(args.warmup)], env)
+            print(f"{accum:>12} {r['raw_steps_per_s']:12.1f} {r['acceltrain_steps_per_s']:11.1f} "
+                  f"{r['ratio_total']:7.3f} {r['ratio_median']:7.3f} {r['ratio_min']:6.3f}..{r['ratio_max']:.3f} "
+                  f"{r['raw_allreduces_per_step']:>25.2f}, {r['acceltrain_allreduces_per_step']:.2f}")
+        out = args.out.with_name(args.out.stem + "_ab.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1) + "\n")
+        return
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for accum in (1, 4):
             for impl in ("raw", "acceltrain"):
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                       __file__, "--worker", impl, str(accum), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
-                runs.setdefault(f"{impl}@{accum}", []).append(json.loads(line))
+                runs.setdefault(f"{impl}@{accum}", []).append(torchrun(
+                    ["--worker", impl, str(accum), "--steps", str(args.steps), "--warmup", str(args.warmup)], env))
     summary = {key: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for key, rows in runs.items()}
     print(f"2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, {args.steps - args.warmup} timed steps, "
           f"median of {args.repeats}")
@@ -174,7 +263,6 @@ def main() -> None:
                   f"{row['allreduces_per_step']:17.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -56,9 +57,34 @@ class NaNOnRank(ToyTrainer):
         return loss, rec
 
 
+class GainHolder(torch.nn.Identity):
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+
+class NaNInIgnoredParam(ToyTrainer):
+    """A parameter DDP does not reduce (``_ddp_params_and_buffers_to_ignore``) gets a NaN
+    gradient on rank 1 only at forward 4: only the trainer's own agreement can see it. (It sits
+    in a submodule: DDP in torch 2.13 mis-names ignored parameters of the root module.)"""
+
+    def build_model(self):
+        model = torch.nn.Sequential(*super().build_model(), GainHolder())
+        model._ddp_params_and_buffers_to_ignore = ["3.gain"]
+        return model
+
+    def forward(self, input):
+        loss, rec = super().forward(input)
+        self.seen = getattr(self, "seen", 0) + 1
+        if self.accelerator.process_index == 1 and self.seen == 4:
+            loss = loss + self.unwrapped_model[3].gain * float("nan")  # NaN reaches gain's gradient only
+        return loss, rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records"])
+    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records",
+                                       "nan_ignored"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
@@ -110,6 +136,8 @@ def main() -> None:
         trainer = EvalTrainer(**common)
     elif args.mode == "nan":
         trainer = NaNOnRank(1, {3}, max_non_finite_grad_retries=2, scheduler=True, **common)
+    elif args.mode == "nan_ignored":
+        trainer = NaNInIgnoredParam(max_non_finite_grad_retries=2, scheduler=True, **common)
     else:
         trainer = NaNOnRank(1, None, max_non_finite_grad_retries=2, **common)
     error = None
