@@ -8,6 +8,14 @@ MLP on the same per-rank batches with AdamW and clipping at 1.0; the hand-writte
 the model in DDP itself and runs every micro-batch but the last under ``no_sync``. A DDP
 communication hook counts gradient all-reduces: per optimizer step it must equal DDP's bucket
 count, whatever the accumulation. Reports steps/s (median), the ratio, and all-reduces/step.
+
+    python benchmarks/ddp.py --ab [--pairs 32] [--chunk 10]
+
+runs both loops in the same two processes instead (the trainer's Accelerator creates the
+process group, the hand-written DDP model shares it) and alternates chunks of steps in ABBA
+order, so the machine's drift between runs (10-20% here) cannot move the ratio; the trainer's
+steps run through ``trainer._run_step()``, what ``train()`` runs in its loop. Writes
+``ddp_ab.json``.
 """
 
 from __future__ import annotations
@@ -215,7 +223,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--ab", action="store_true",
                     help="instead: both loops in the same two processes, alternating chunks (ABBA)")
-    ap.add_argument("--pairs", type=int, default=16, help="with --ab: chunk pairs")
+    ap.add_argument("--pairs", type=int, default=32, help="with --ab: chunk pairs")
     ap.add_argument("--chunk", type=int, default=10, help="with --ab: steps per chunk")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
