@@ -4,8 +4,8 @@
 
 Both sides tokenize the same documents (this Python's standard library, the pretraining
 recipe's default corpus) with the same tokenizer on one thread (tokens/s per core):
-``direct`` is ``tokenizer(texts, add_special_tokens=False)`` in batches of 1,000 and nothing
-else; ``pack_texts`` is acceltrain's packer writing the flat token memmap with EOS after every
+``direct`` is ``tokenizer(texts, add_special_tokens=False)`` in batches of 1,000 (ids only:
+no attention masks or token type ids, as the packer asks for) and nothing else; ``pack_texts`` is acceltrain's packer writing the flat token memmap with EOS after every
 document, with an empty cache each time (a cache hit is also shown). The data-wait share of
 training steps is measured by benchmarks/throughput.py.
 """
@@ -43,7 +43,9 @@ def main() -> None:
             t0 = time.perf_counter()
             n = 0
             for i in range(0, len(texts), 1000):
-                n += sum(len(ids) for ids in tok(texts[i:i + 1000], add_special_tokens=False)["input_ids"])
+                ids = tok(texts[i:i + 1000], add_special_tokens=False, return_attention_mask=False,
+                          return_token_type_ids=False, verbose=False)["input_ids"]
+                n += sum(len(x) for x in ids)
             direct_s.append(time.perf_counter() - t0)
             cache = Path(tmp) / f"cache{r}"
             t0 = time.perf_counter()

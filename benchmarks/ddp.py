@@ -9,13 +9,14 @@ the model in DDP itself and runs every micro-batch but the last under ``no_sync`
 communication hook counts gradient all-reduces: per optimizer step it must equal DDP's bucket
 count, whatever the accumulation. Reports steps/s (median), the ratio, and all-reduces/step.
 
-    python benchmarks/ddp.py --ab [--pairs 32] [--chunk 10]
+    python benchmarks/ddp.py --ab [--pairs 300] [--chunk 1]
 
 runs both loops in the same two processes instead (the trainer's Accelerator creates the
 process group, the hand-written DDP model shares it) and alternates chunks of steps in ABBA
 order, so the machine's drift between runs (10-20% here) cannot move the ratio; the trainer's
-steps run through ``trainer._run_step()``, what ``train()`` runs in its loop. Writes
-``ddp_ab.json``.
+steps run through ``trainer._run_step()``, what ``train()`` runs in its loop. A control run
+puts a second hand-written loop in the trainer's place (A/A): its distance from 1.0 is what
+the harness cannot resolve. Writes ``ddp_ab.json``.
 """
 
 from __future__ import annotations
@@ -163,9 +164,10 @@ def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] |
     return {"steps_per_s": timed / seconds, "allreduces_per_step": counter[0] / timed}
 
 
-def worker_ab(accum: int, pairs: int, chunk: int, warmup: int) -> dict[str, Any] | None:
+def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) -> dict[str, Any] | None:
     """Both loops in the same two processes, on the same process group, alternating ``chunk``
-    steps in ABBA order: the machine's drift between runs cannot move this ratio."""
+    steps in ABBA order: the machine's drift between runs cannot move this ratio. ``control``:
+    a second hand-written loop in the trainer's place (A/A), the harness's own resolution."""
     import torch
 
     torch.set_num_threads(1)
@@ -173,8 +175,12 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int) -> dict[str, Any]
     trainer._build()  # initialises the process group; train() is on_before_train, then _run_step()
     trainer._call_hook("on_before_train")
     at_counter, raw_counter = [0], [0]
-    trainer.model.register_comm_hook(None, counting_hook(at_counter))
     raw_step = raw_loop(accum, raw_counter)
+    if control:
+        other = raw_loop(accum, at_counter)
+    else:
+        trainer.model.register_comm_hook(None, counting_hook(at_counter))
+        other = trainer._run_step
 
     def timed(step, n: int) -> float:
         torch.distributed.barrier()  # both ranks start the chunk together
@@ -184,11 +190,11 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int) -> dict[str, Any]
         return time.perf_counter() - t0
 
     timed(raw_step, warmup)
-    timed(trainer._run_step, warmup)
+    timed(other, warmup)
     at_counter[0] = raw_counter[0] = 0
     raw_t, at_t = [], []
     for i in range(pairs):
-        order = [(raw_step, raw_t), (trainer._run_step, at_t)]
+        order = [(raw_step, raw_t), (other, at_t)]
         for step, times in order if i % 2 == 0 else order[::-1]:
             times.append(timed(step, chunk))
     rank = trainer.accelerator.process_index
@@ -223,14 +229,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--ab", action="store_true",
                     help="instead: both loops in the same two processes, alternating chunks (ABBA)")
-    ap.add_argument("--pairs", type=int, default=32, help="with --ab: chunk pairs")
-    ap.add_argument("--chunk", type=int, default=10, help="with --ab: steps per chunk")
+    ap.add_argument("--pairs", type=int, default=300, help="with --ab: chunk pairs")
+    ap.add_argument("--chunk", type=int, default=1, help="with --ab: steps per chunk")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        if args.worker[0] == "ab":
-            result = worker_ab(int(args.worker[1]), args.pairs, args.chunk, args.warmup)
+        if args.worker[0] in ("ab", "ab_control"):
+            result = worker_ab(int(args.worker[1]), args.pairs, args.chunk, args.warmup, args.worker[0] == "ab_control")
         else:
             result = worker(args.worker[0], int(args.worker[1]), args.steps, args.warmup)
         if result is not None:
@@ -240,18 +246,24 @@ def main() -> None:
     if args.ab:
         results = {}
         print(f"2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, both loops in one torchrun job, "
-              f"{args.pairs} ABBA pairs of {args.chunk} steps")
-        print(f"{'accumulation':>12} {'raw steps/s':>12} {'acceltrain':>11} {'total':>7} {'median':>7} {'pairs':>13} "
-              f"{'all-reduces/step raw, acceltrain':>33}")
+              f"{args.pairs} ABBA pairs of {args.chunk} step(s); control: the hand-written loop against a second "
+              "copy of itself (A/A)")
+        print(f"{'accumulation':>12} {'arm':>11} {'raw steps/s':>12} {'other':>8} {'total':>7} {'median':>7} "
+              f"{'pairs':>13} {'all-reduces/step raw, other':>28}")
         for accum in (1, 4):
-            r = results[accum] = torchrun(["--worker", "ab", str(accum), "--pairs", str(args.pairs), "--chunk",
-                                           str(args.chunk), "--warmup", str(args.warmup)], env)
-            print(f"{accum:>12} {r['raw_steps_per_s']:12.1f} {r['acceltrain_steps_per_s']:11.1f} "
-                  f"{r['ratio_total']:7.3f} {r['ratio_median']:7.3f} {r['ratio_min']:6.3f}..{r['ratio_max']:.3f} "
-                  f"{r['raw_allreduces_per_step']:>25.2f}, {r['acceltrain_allreduces_per_step']:.2f}")
+            for arm in ("acceltrain", "control"):
+                r = results[f"{arm}@{accum}"] = torchrun(
+                    ["--worker", "ab" if arm == "acceltrain" else "ab_control", str(accum), "--pairs",
+                     str(args.pairs), "--chunk", str(args.chunk), "--warmup", str(args.warmup)], env)
+                print(f"{accum:>12} {arm:>11} {r['raw_steps_per_s']:12.1f} {r['acceltrain_steps_per_s']:8.1f} "
+                      f"{r['ratio_total']:7.3f} {r['ratio_median']:7.3f} {r['ratio_min']:6.3f}..{r['ratio_max']:.3f} "
+                      f"{r['raw_allreduces_per_step']:>20.2f}, {r['acceltrain_allreduces_per_step']:.2f}")
+        met = all(min(results[f"acceltrain@{a}"]["ratio_total"], results[f"acceltrain@{a}"]["ratio_median"]) >= 0.97
+                  for a in (1, 4))
+        print(f"target acceltrain >= 0.97x at both accumulations (total and median): {'OK' if met else 'MISSED'}")
         out = args.out.with_name(args.out.stem + "_ab.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1) + "\n")
+        out.write_text(json.dumps(results, indent=1) + "\n")
         return
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
