@@ -518,7 +518,7 @@ class BaseTrainer(GradientOps):
             self.loss_items = items
             scale = None
         else:
-            scale = 1.0 / k
+            items_work, scale = None, 1.0 / k
         unit = k == 1 and not self._items_mode  # then no `loss * 1.0` kernel per micro-batch
         loss_sum: torch.Tensor | None = None
         contributed = 0
@@ -561,7 +561,7 @@ class BaseTrainer(GradientOps):
             contributed += 1
             detached = loss.detach() * scale if self._items_mode else loss.detach()
             loss_sum = detached if loss_sum is None else loss_sum + detached
-        if self._items_mode and items_work is not None:  # no micro-batch gave a loss
+        if items_work is not None:  # items mode, and no micro-batch gave a loss
             items_work.wait()
         return loss_sum, contributed, records, positions, data_time
 

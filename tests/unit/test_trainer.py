@@ -339,6 +339,17 @@ class TokenTrainer(ToyTrainer):
         return (((self.model(x) - y) ** 2) * mask).sum(), {}
 
 
+@pytest.mark.parametrize("n_batches", [3, 4])  # ends mid-window / exactly at a window boundary
+def test_token_normalised_one_shot_iterable_running_dry_stops_cleanly(n_batches):
+    class OneShotTokens(TokenTrainer):
+        def build_data_loader(self):
+            return iter(list(super().build_data_loader())[:n_batches])
+
+    t = OneShotTokens(max_steps=10, gradient_accumulation_steps=2, batch_size=2, device="cpu")
+    t.train()
+    assert t.step == 2 and t.stop_reason == "data exhausted"
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_token_normalised_accumulation_equals_the_unaccumulated_token_mean(k):
     a = TokenTrainer(max_steps=4, gradient_accumulation_steps=k, batch_size=2, device="cpu")
