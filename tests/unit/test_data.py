@@ -308,6 +308,9 @@ def test_tokenizer_second_call_loads_the_cache(tmp_path, docs, monkeypatch):
     again = train_bpe_tokenizer(list(docs), 300, out, min_frequency=1)
     assert again.acceltrain_cache_hit is True
     assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
+    # Another window length (model_max_length) is the same trained tokenizer, applied on load.
+    shorter = train_bpe_tokenizer(list(docs), 300, out, min_frequency=1, model_max_length=32)
+    assert shorter.acceltrain_cache_hit is True and shorter.model_max_length == 32
     with pytest.raises(AssertionError, match="trained again"):
         train_bpe_tokenizer(docs, 310, out, min_frequency=1)  # another vocab size is another key
     monkeypatch.undo()
