@@ -75,7 +75,7 @@ def _q(word: str) -> str:
 
 
 # Values on `#SBATCH` lines are parsed by sbatch (quotes, backslashes, `#`), and a newline would
-# end the comment and start a shell line, so they are checked, not quoted.
+# end the comment and start a shell line, so they are checked, not shell-quoted.
 _PATTERNS = {
     "job_name": (r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", "letters, digits and ._+- (at most 100)"),
     "partition": (r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*", "names of letters, digits and _.- (comma-separated)"),
@@ -83,9 +83,15 @@ _PATTERNS = {
     "qos": (r"[A-Za-z0-9_.-]+", "letters, digits and _.-"),
     "mem": (r"[0-9]+[KMGT]?", "a number with an optional K/M/G/T suffix, e.g. 64G (0: all of the node's)"),
     "time": (r"(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}|UNLIMITED|INFINITE", "minutes, [D-]HH:MM:SS or UNLIMITED"),
-    "output": (r"[A-Za-z0-9_./%@+=,:-]+", "a path of letters, digits and _./%@+=,:- (no spaces or quotes)"),
-    "error": (r"[A-Za-z0-9_./%@+=,:-]+", "a path of letters, digits and _./%@+=,:- (no spaces or quotes)"),
 }
+# Log paths may hold spaces (a sweep's output_dir): such a value goes on its #SBATCH line in double
+# quotes, inside which sbatch keeps spaces, ' and $ literally. `"` and `\` are refused (sbatch reads
+# them as quoting), `#` too (older sbatch ends the line there even inside quotes), and control
+# characters (a newline would start a shell line).
+_PATH_FIELDS = ("output", "error")
+_PATH_FORBIDDEN = re.compile(r'["\\#]')
+_PATH_EXPECTED = "a path without double quotes, backslashes, # or control characters"
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./%@+=,:-]+")
 _SBATCH_LINE = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(?:=[^\s\"'\\#]+)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROGRAM = re.compile(r"[A-Za-z0-9_./+-]+")
@@ -146,6 +152,10 @@ class SlurmConfig:
             value = getattr(self, name)
             if value is not None and not re.fullmatch(pattern, str(value)):
                 raise UserError(f"slurm {name}: {value!r} is not valid; expected {expected}")
+        for name in _PATH_FIELDS:
+            value = None if getattr(self, name) is None else str(getattr(self, name))
+            if value is not None and (not value or not value.isprintable() or _PATH_FORBIDDEN.search(value)):
+                raise UserError(f"slurm {name}: {value!r} is not valid; expected {_PATH_EXPECTED}")
         for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_seconds", 0)):
             value = getattr(self, name)
             if value is not None and value < low:
@@ -274,10 +284,11 @@ def render_sbatch(cfg: SlurmConfig, *, array: ArraySpec | None = None) -> str:
         value = getattr(cfg, name)
         sbatch += [f"--{name}={value}"] if value is not None else []
     sbatch.append("--requeue" if cfg.requeue else "--no-requeue")
-    # No `B:` prefix: the signal goes to the srun tasks (the trainer), not the batch shell.
+    # No `B:` prefix: the signal goes to the srun tasks (the trainer), not the batch shell. USR1 is
+    # CheckpointingHook's default requeue_signal: only it requeues (TERM/INT save and stop).
     sbatch += [f"--signal=USR1@{cfg.signal_seconds}"] if cfg.signal_seconds else []
-    sbatch += [f"--output={cfg.output or default_log}", "--open-mode=append"]
-    sbatch += [f"--error={cfg.error}"] if cfg.error else []
+    sbatch += [f"--output={_sbatch_path(cfg.output or default_log)}", "--open-mode=append"]
+    sbatch += [f"--error={_sbatch_path(cfg.error)}"] if cfg.error else []
     if array:
         limit = f"%{array.max_parallel}" if array.max_parallel else ""
         sbatch.append(f"--array=0-{len(array.values) - 1}{limit}")
@@ -309,6 +320,11 @@ def render_sbatch(cfg: SlurmConfig, *, array: ArraySpec | None = None) -> str:
         *_launch_lines(cfg),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _sbatch_path(path: str) -> str:
+    """A validated log path for an #SBATCH line: as is, or double-quoted when it needs it."""
+    return path if _PLAIN_VALUE.fullmatch(path) else f'"{path}"'
 
 
 def _launch_lines(cfg: SlurmConfig) -> list[str]:
@@ -372,6 +388,10 @@ def job_status(job_id: str) -> str:
     proc = _run("squeue", "--noheader", "--jobs", job_id, "--format", "%i %T %r %M %D %N")
     if proc.returncode == 0 and proc.stdout.strip():
         return "JOBID STATE REASON TIME NODES NODELIST\n" + proc.stdout.strip()
+    # "Invalid job id specified": the job left the queue (asked for by id, squeue fails on it), so
+    # look further. Any other failure (the controller is down) is squeue's error, not an unknown job.
+    if proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
+        raise UserError(f"squeue failed (exit {proc.returncode}): {(proc.stderr.strip() or 'no output').splitlines()[0]}")
     if shutil.which("sacct"):
         proc = _run("sacct", "--noheader", "--allocations", "--parsable2", "--jobs", job_id, "--format",
                     "JobID,State,ExitCode,Elapsed,NodeList")

@@ -1,6 +1,6 @@
 """Parameter sweeps: a grid of dotted keys over a base config, run here one by one or as a SLURM array.
 
-    acceltrain sweep sweep.yaml --dry_run          # list the runs; writes nothing
+    acceltrain sweep sweep.yaml --dry_run          # list the runs; writes nothing (or --dry-run)
     acceltrain sweep sweep.yaml                    # run them one after another, a process each
     acceltrain sweep sweep.yaml --slurm            # one SLURM job array, a task per run
     acceltrain sweep sweep.yaml --slurm --render   # print that array script; writes nothing
@@ -417,7 +417,7 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a grid of configs, here or as a SLURM job array",
                        description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("sweep_file", help="the sweep YAML (script, base/config, grid, naming, output_dir, slurm)")
-    p.add_argument("--dry_run", action="store_true", help="list the runs and their commands; write nothing")
+    p.add_argument("--dry_run", "--dry-run", action="store_true", help="list the runs and their commands; write nothing")
     p.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
     p.add_argument("--render", action="store_true", help="print the job array's sbatch script; write nothing")
     p.add_argument("--naming", choices=[n.value for n in NamingStrategy], help="override the file's naming")

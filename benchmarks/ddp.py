@@ -62,6 +62,27 @@ def counting_hook(counter: list[int]):
     return hook
 
 
+def bucket_count(model) -> int:
+    """DDP's gradient buckets after its first-iteration rebuild, from its own logging data."""
+    data = model._get_ddp_logging_data()
+    sizes = data["rebuilt_bucket_sizes"] if data.get("has_rebuilt_buckets") else data["bucket_sizes"]
+    return len(str(sizes).split(","))
+
+
+def count_python_all_reduces(counter: list[int]) -> None:
+    """Count every ``torch.distributed.all_reduce`` call (the counting comm hook's bucket
+    all-reduces go through it too: subtract those to get the others)."""
+    import torch
+
+    real = torch.distributed.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        counter[0] += 1
+        return real(*args, **kwargs)
+
+    torch.distributed.all_reduce = all_reduce
+
+
 def raw_loop(accum: int, counter: list[int]):
     """The hand-written DDP loop on the default process group: returns its one-step function."""
     import torch
@@ -93,6 +114,7 @@ def raw_loop(accum: int, counter: list[int]):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.ddp = model
     return step
 
 
@@ -127,16 +149,18 @@ def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] |
     import torch
 
     torch.set_num_threads(1)
-    counter = [0]
+    counter, other = [0], [0]
     if impl == "raw":
         torch.distributed.init_process_group("gloo")
         rank = torch.distributed.get_rank()
         step = raw_loop(accum, counter)
+        count_python_all_reduces(other)
         for i in range(steps):
             if i == warmup:
-                counter[0], start = 0, time.perf_counter()
+                counter[0], other[0], start = 0, 0, time.perf_counter()
             step()
         seconds = time.perf_counter() - start
+        buckets = bucket_count(step.ddp)
         torch.distributed.destroy_process_group()
     else:
         from acceltrain import BaseHook
@@ -149,19 +173,22 @@ def worker(impl: str, accum: int, steps: int, warmup: int) -> dict[str, float] |
 
             def on_after_step(self, trainer):
                 if trainer.step == warmup:
-                    counter[0], marks["start"] = 0, time.perf_counter()
+                    counter[0], other[0], marks["start"] = 0, 0, time.perf_counter()
                 if trainer.step == steps:
                     marks["end"] = time.perf_counter()
 
         trainer = make_trainer(accum, steps, [Clock()])
+        count_python_all_reduces(other)
         trainer.train()
         rank = trainer.accelerator.process_index
         seconds = marks["end"] - marks["start"]
+        buckets = bucket_count(trainer.model)
         trainer.close()
     timed = steps - warmup
     if rank != 0:
         return None
-    return {"steps_per_s": timed / seconds, "allreduces_per_step": counter[0] / timed}
+    return {"steps_per_s": timed / seconds, "allreduces_per_step": counter[0] / timed, "buckets": buckets,
+            "other_allreduces_per_step": (other[0] - counter[0]) / timed}
 
 
 def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) -> dict[str, Any] | None:
@@ -174,13 +201,15 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) ->
     trainer = make_trainer(accum, 10**9, [])
     trainer._build()  # initialises the process group; train() is on_before_train, then _run_step()
     trainer._call_hook("on_before_train")
-    at_counter, raw_counter = [0], [0]
+    at_counter, raw_counter, python_all_reduces = [0], [0], [0]
     raw_step = raw_loop(accum, raw_counter)
     if control:
         other = raw_loop(accum, at_counter)
+        other_ddp = other.ddp
     else:
         trainer.model.register_comm_hook(None, counting_hook(at_counter))
-        other = trainer._run_step
+        other, other_ddp = trainer._run_step, trainer.model
+    count_python_all_reduces(python_all_reduces)
 
     def timed(step, n: int) -> float:
         torch.distributed.barrier()  # both ranks start the chunk together
@@ -191,13 +220,14 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) ->
 
     timed(raw_step, warmup)
     timed(other, warmup)
-    at_counter[0] = raw_counter[0] = 0
+    at_counter[0] = raw_counter[0] = python_all_reduces[0] = 0
     raw_t, at_t = [], []
     for i in range(pairs):
         order = [(raw_step, raw_t), (other, at_t)]
         for step, times in order if i % 2 == 0 else order[::-1]:
             times.append(timed(step, chunk))
     rank = trainer.accelerator.process_index
+    buckets = bucket_count(raw_step.ddp), bucket_count(other_ddp)
     trainer.close()
     if rank != 0:
         return None
@@ -206,7 +236,9 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) ->
     return {"raw_steps_per_s": n / sum(raw_t), "acceltrain_steps_per_s": n / sum(at_t),
             "ratio_total": sum(raw_t) / sum(at_t), "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
-            "raw_allreduces_per_step": raw_counter[0] / n, "acceltrain_allreduces_per_step": at_counter[0] / n}
+            "raw_allreduces_per_step": raw_counter[0] / n, "acceltrain_allreduces_per_step": at_counter[0] / n,
+            "raw_buckets": buckets[0], "acceltrain_buckets": buckets[1],
+            "other_allreduces_per_step": (python_all_reduces[0] - raw_counter[0] - at_counter[0]) / n}
 
 
 def free_port() -> int:
@@ -249,7 +281,7 @@ def main() -> None:
               f"{args.pairs} ABBA pairs of {args.chunk} step(s); control: the hand-written loop against a second "
               "copy of itself (A/A)")
         print(f"{'accumulation':>12} {'arm':>11} {'raw steps/s':>12} {'other':>8} {'total':>7} {'median':>7} "
-              f"{'pairs':>13} {'all-reduces/step raw, other':>28}")
+              f"{'pairs':>13} {'bucket all-reduces/step raw, other (buckets)':>44} {'other all-reduces/step':>23}")
         for accum in (1, 4):
             for arm in ("acceltrain", "control"):
                 r = results[f"{arm}@{accum}"] = torchrun(
@@ -257,10 +289,16 @@ def main() -> None:
                      str(args.pairs), "--chunk", str(args.chunk), "--warmup", str(args.warmup)], env)
                 print(f"{accum:>12} {arm:>11} {r['raw_steps_per_s']:12.1f} {r['acceltrain_steps_per_s']:8.1f} "
                       f"{r['ratio_total']:7.3f} {r['ratio_median']:7.3f} {r['ratio_min']:6.3f}..{r['ratio_max']:.3f} "
-                      f"{r['raw_allreduces_per_step']:>20.2f}, {r['acceltrain_allreduces_per_step']:.2f}")
+                      f"{r['raw_allreduces_per_step']:>30.2f}, {r['acceltrain_allreduces_per_step']:.2f} "
+                      f"({r['raw_buckets']}, {r['acceltrain_buckets']}) {r['other_allreduces_per_step']:23.2f}")
         met = all(min(results[f"acceltrain@{a}"]["ratio_total"], results[f"acceltrain@{a}"]["ratio_median"]) >= 0.97
                   for a in (1, 4))
         print(f"target acceltrain >= 0.97x at both accumulations (total and median): {'OK' if met else 'MISSED'}")
+        exact = all(r["raw_allreduces_per_step"] == r["raw_buckets"] and
+                    r["acceltrain_allreduces_per_step"] == r["acceltrain_buckets"] for r in results.values())
+        print(f"target gradient all-reduces per optimizer step == DDP's bucket count, whatever the accumulation: "
+              f"{'OK' if exact else 'MISSED'} (other all-reduces: the trainer's one per-step agreement of loss "
+              "counts and stop requests)")
         out = args.out.with_name(args.out.stem + "_ab.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
@@ -274,13 +312,16 @@ def main() -> None:
     summary = {key: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for key, rows in runs.items()}
     print(f"2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, {args.steps - args.warmup} timed steps, "
           f"median of {args.repeats}")
-    print(f"{'accumulation':>12} {'impl':>11} {'steps/s':>9} {'x raw':>7} {'all-reduces/step':>17}")
+    print(f"{'accumulation':>12} {'impl':>11} {'steps/s':>9} {'x raw':>7} {'bucket all-reduces/step':>24} "
+          f"{'buckets':>8} {'other all-reduces/step':>23}")
     for accum in (1, 4):
         raw = summary[f"raw@{accum}"]["steps_per_s"]
         for impl in ("raw", "acceltrain"):
             row = summary[f"{impl}@{accum}"]
             print(f"{accum:>12} {impl:>11} {row['steps_per_s']:9.1f} {row['steps_per_s'] / raw:7.3f} "
-                  f"{row['allreduces_per_step']:17.2f}")
+                  f"{row['allreduces_per_step']:24.2f} {row['buckets']:8.0f} {row['other_allreduces_per_step']:23.2f}")
+    exact = all(r["allreduces_per_step"] == r["buckets"] for rows in runs.values() for r in rows)
+    print(f"target gradient all-reduces per optimizer step == DDP's bucket count: {'OK' if exact else 'MISSED'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
 

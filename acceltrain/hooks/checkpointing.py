@@ -53,8 +53,13 @@ class CheckpointingHook(BaseHook):
         metric: A key of the records passed to ``trainer.log`` (e.g. ``"eval/loss"``); the last
             value seen before a save is stored in that checkpoint's manifest.
         mode: ``"min"`` or ``"max"``: which way ``metric`` is better.
-        requeue: Under SLURM (``SLURM_JOB_ID`` set), after a signal-triggered save run
-            ``scontrol requeue $SLURM_JOB_ID`` so the job restarts and resumes.
+        requeue: Under SLURM (``SLURM_JOB_ID`` set), after a save triggered by ``requeue_signal``
+            run ``scontrol requeue $SLURM_JOB_ID`` so the job restarts and resumes. Other exit
+            signals (TERM, INT: a cancel, a Ctrl-C) save and exit without requeueing. If
+            ``scontrol`` fails, a warning says so (exit code and stderr) and ``requeued`` is False.
+        requeue_signal: The preemption signal that asks for a requeue: ``SIGUSR1``, what
+            ``acceltrain slurm`` renders (``#SBATCH --signal=USR1@N``) and ``acceltrain slurm
+            cancel JOB --signal USR1`` sends. It must be one of ``exit_signals`` to have an effect.
         strict: After loading, the next batch's sample indices must match the fingerprint the
             checkpoint recorded; ``False`` warns instead of raising.
         background: Finish saves (fsync, checksums, manifest, rename, retention) on a thread
@@ -78,6 +83,7 @@ class CheckpointingHook(BaseHook):
         metric: str | None = None,
         mode: str = "min",
         requeue: bool = False,
+        requeue_signal: int = signal.SIGUSR1,
         strict: bool = True,
         background: bool = True,
     ):
@@ -91,6 +97,10 @@ class CheckpointingHook(BaseHook):
             raise ValueError(f"CheckpointingHook mode must be 'min' or 'max', got {mode!r}")
         if exit_code != "128+signal" and not isinstance(exit_code, int):
             raise ValueError(f"CheckpointingHook exit_code must be '128+signal' or an int, got {exit_code!r}")
+        try:
+            requeue_signal = signal.Signals(requeue_signal)
+        except ValueError:
+            raise ValueError(f"CheckpointingHook requeue_signal must be a signal number, got {requeue_signal!r}") from None
         self.interval = interval
         self.keep_previous = keep_previous
         self.keep_interval = keep_interval
@@ -103,6 +113,8 @@ class CheckpointingHook(BaseHook):
         self.metric = metric
         self.mode = mode
         self.requeue = requeue
+        self.requeue_signal = requeue_signal
+        self.requeued: bool | None = None  # after a requeue attempt: did `scontrol requeue` succeed?
         self.strict = strict
         self.background = background
         self._pending = None
@@ -255,17 +267,37 @@ class CheckpointingHook(BaseHook):
         finally:
             self._restore_signals()
         signum = _agreed_signal(trainer, self._signal)
-        if signum is not None and self.requeue and os.environ.get("SLURM_JOB_ID"):
-            # `scontrol requeue` from inside the job kills it at once: the save above is
-            # complete on every rank (save() ends with a barrier) before this runs.
-            if trainer.is_main_process:
-                job = os.environ["SLURM_JOB_ID"]
-                trainer.logger.warning("requeueing SLURM job %s after the checkpoint at step %d", job, trainer.step)
-                subprocess.run(["scontrol", "requeue", job], check=False)
+        under_slurm = self.requeue and os.environ.get("SLURM_JOB_ID")
+        if signum is not None and under_slurm and trainer.is_main_process:
+            if signum == self.requeue_signal:
+                # `scontrol requeue` from inside the job kills it at once: the save above is
+                # complete on every rank (save() ends with a barrier) before this runs.
+                self.requeued = _scontrol_requeue(trainer, os.environ["SLURM_JOB_ID"])
+            else:  # a cancel or Ctrl-C: stop for good
+                trainer.logger.warning("%s: saved step %d, not requeueing (only %s requeues the job)",
+                                       signal.Signals(signum).name, trainer.step, self.requeue_signal.name)
         if signum is not None:
             if self.exit_wait:
                 time.sleep(self.exit_wait)
+            # The same code whether or not the requeue worked: the run stopped early either way.
             trainer.exit_code = 128 + signum if self.exit_code == "128+signal" else int(self.exit_code)
+
+
+def _scontrol_requeue(trainer: BaseTrainer, job: str) -> bool:
+    """Run ``scontrol requeue JOB``; on failure warn with its exit code and stderr, return False."""
+    trainer.logger.warning("requeueing SLURM job %s after the checkpoint at step %d", job, trainer.step)
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        code, detail = None, str(e)
+    else:
+        if proc.returncode == 0:
+            return True
+        code, detail = proc.returncode, " ".join(proc.stderr.split()) or "no output"
+    trainer.logger.warning("scontrol requeue %s failed (exit %s: %s): the job is NOT requeued; the checkpoint at "
+                           "step %d is saved, resubmit the job to resume from it", job,
+                           "none" if code is None else code, detail, trainer.step)
+    return False
 
 
 def _broadcast_text(trainer: BaseTrainer, text: str | None) -> str | None:

@@ -335,3 +335,88 @@ def test_lora_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
     other._build()
     with pytest.raises(CheckpointError, match="this run.s frozen parameters differ from that run.s"):
         load_checkpoint(other, folder)
+
+
+def _fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> Path:
+    """`scontrol` on PATH that appends its argv to a file; with ``fail`` it complains and exits 1."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    body = 'echo "scontrol: error: Unable to contact slurm controller" >&2\nexit 1\n' if fail else "exit 0\n"
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n{body}')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return calls
+
+
+def _signalled_run(tmp_path: Path, signum: int, **hook_kwargs) -> tuple[CheckpointingHook, int]:
+    """Train 4 steps with ``signum`` sent to this process after step 2; returns the hook and exit status."""
+    from acceltrain import BaseHook
+
+    class SignalAfterStep2(BaseHook):
+        def on_after_step(self, trainer):
+            if trainer.step == 2:
+                os.kill(os.getpid(), signum)
+
+    hook = CheckpointingHook(interval=100, requeue=True, **hook_kwargs)
+    with pytest.raises(SystemExit) as exit_info:
+        ToyTrainer(max_steps=4, device="cpu", workspace=tmp_path, hooks=[SignalAfterStep2(), hook]).train()
+    assert (tmp_path / "checkpoints" / "checkpoint_latest").resolve().name == "checkpoint_step_2"  # saved anyway
+    return hook, exit_info.value.code
+
+
+def test_usr1_under_slurm_requeues_the_job_once(tmp_path, monkeypatch):
+    import signal
+
+    calls = _fake_scontrol(tmp_path, monkeypatch)
+    hook, code = _signalled_run(tmp_path, signal.SIGUSR1)
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert hook.requeued is True and code == 128 + signal.SIGUSR1
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_term_and_int_under_slurm_save_and_exit_without_requeueing(tmp_path, monkeypatch, caplog, name):
+    import signal
+
+    signum = signal.Signals[name]
+    calls = _fake_scontrol(tmp_path, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="acceltrain"):
+        hook, code = _signalled_run(tmp_path, signum)
+    assert not calls.exists() and hook.requeued is None and code == 128 + signum
+    assert f"{name}: saved step 2, not requeueing (only SIGUSR1 requeues the job)" in caplog.text
+
+
+def test_the_requeue_signal_is_configurable(tmp_path, monkeypatch):
+    import signal
+
+    calls = _fake_scontrol(tmp_path, monkeypatch)
+    hook, code = _signalled_run(tmp_path, signal.SIGTERM, requeue_signal=signal.SIGTERM)
+    assert calls.read_text().splitlines() == ["requeue 4242"] and hook.requeued is True
+    with pytest.raises(ValueError, match="requeue_signal must be a signal number"):
+        CheckpointingHook(requeue_signal=100000)
+
+
+def test_a_failing_scontrol_is_reported_not_taken_for_a_requeue(tmp_path, monkeypatch, caplog):
+    import signal
+
+    calls = _fake_scontrol(tmp_path, monkeypatch, fail=True)
+    with caplog.at_level(logging.WARNING, logger="acceltrain"):
+        hook, code = _signalled_run(tmp_path, signal.SIGUSR1)
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    assert hook.requeued is False and code == 128 + signal.SIGUSR1
+    failure, = (r.getMessage() for r in caplog.records if "failed" in r.getMessage())
+    assert failure.startswith("scontrol requeue 4242 failed (exit 1: scontrol: error: Unable to contact slurm "
+                              "controller): the job is NOT requeued")
+
+
+def test_a_missing_scontrol_is_reported(tmp_path, monkeypatch, caplog):
+    import signal
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with caplog.at_level(logging.WARNING, logger="acceltrain"):
+        hook, _ = _signalled_run(tmp_path, signal.SIGUSR1)
+    assert hook.requeued is False
+    assert "scontrol requeue 4242 failed (exit none: " in caplog.text and "NOT requeued" in caplog.text

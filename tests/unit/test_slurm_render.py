@@ -100,11 +100,61 @@ def test_quoted_fields_reach_the_programs_literally(sandbox: Path, evil: str):
     assert srun["argv"][:4] == ["--ntasks-per-node=1", "--nodes=2", "--kill-on-bad-exit=1", "bash"]
 
 
-@pytest.mark.parametrize("field", ["job_name", "partition", "account", "qos", "mem", "time", "output", "error"])
+@pytest.mark.parametrize("field", ["job_name", "partition", "account", "qos", "mem", "time"])
 @pytest.mark.parametrize("evil", EVIL)
 def test_sbatch_line_fields_reject_anything_but_their_pattern(sandbox: Path, field: str, evil: str):
     with pytest.raises(UserError, match=f"slurm {field}: "):
         load_slurm_config(None, {field: evil, "script": "train.py"})
+
+
+def sbatch_option(script: str, name: str) -> str:
+    """The value sbatch reads for ``--name=`` from the script's #SBATCH lines (its quote rules:
+    quotes group and are dropped, a backslash escapes, an unquoted # starts a comment)."""
+    for line in script.splitlines():
+        if not line.startswith("#SBATCH "):
+            continue
+        text, word, quote, i = line[len("#SBATCH "):].lstrip(), "", "", 0
+        while i < len(text) and (quote or not text[i].isspace()):
+            c = text[i]
+            if c == "\\":
+                word, i = word + text[i + 1], i + 2
+                continue
+            if quote and c == quote:
+                quote = ""
+            elif not quote and c in "\"'":
+                quote = c
+            elif not quote and c == "#":
+                break
+            else:
+                word += c
+            i += 1
+        assert not quote, f"unmatched quote in {line!r}"
+        if word.startswith(f"--{name}="):
+            return word.split("=", 1)[1]
+    raise AssertionError(f"no --{name} line")
+
+
+@pytest.mark.parametrize("field", ["output", "error"])
+@pytest.mark.parametrize("evil", EVIL)
+def test_log_paths_are_double_quoted_or_rejected(sandbox: Path, field: str, evil: str):
+    # Only what sbatch cannot hold inside double quotes is refused: ", \, # and control characters.
+    if any(c in evil for c in '"\\#\n'):
+        with pytest.raises(UserError, match=f"slurm {field}: .* is not valid; expected a path without"):
+            load_slurm_config(None, {field: evil, "script": "train.py"})
+        return
+    text = render_sbatch(load_slurm_config(None, {field: evil, "script": "train.py"}))
+    assert f'#SBATCH --{field}="{evil}"\n' in text and sbatch_option(text, field) == evil
+    run_rendered(text, sandbox)  # bash reads the #SBATCH line as a comment: nothing runs
+
+
+def test_a_log_path_with_a_space_is_quoted_and_a_plain_one_is_not(sandbox: Path, capsys):
+    text = render_sbatch(load_slurm_config(None, {"output": "my runs/a b/slurm-%j.out", "error": "logs/err-%j.txt",
+                                                  "script": "train.py"}))
+    assert '#SBATCH --output="my runs/a b/slurm-%j.out"\n' in text and "#SBATCH --error=logs/err-%j.txt\n" in text
+    assert sbatch_option(text, "output") == "my runs/a b/slurm-%j.out"
+    msg = cli_error(capsys, "slurm", "render", "--output", "runs/#1.out", "train.py")
+    assert msg == "error: slurm output: 'runs/#1.out' is not valid; expected a path without double quotes, " \
+                  "backslashes, # or control characters"
 
 
 @pytest.mark.parametrize("evil", EVIL)
@@ -225,3 +275,27 @@ def test_submit_status_cancel_call_the_slurm_tools_with_argv_lists(sandbox: Path
     calls = [json.loads(line) for line in (sandbox / "argv.jsonl").read_text().splitlines()]
     assert [c["argv"] for c in calls] == [
         ["--parsable"], ["--noheader", "--jobs", "4242", "--format", "%i %T %r %M %D %N"], ["--signal=USR1", "4242"]]
+
+
+def test_status_reports_squeue_failing_instead_of_an_unknown_job(sandbox: Path, capsys, monkeypatch):
+    bin_dir = sandbox / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller "
+                                    "(connect failure)' >&2\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert cli_error(capsys, "slurm", "status", "4242") == (
+        "error: squeue failed (exit 1): slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+
+
+def test_status_of_a_job_squeue_no_longer_knows_asks_scontrol(sandbox: Path, capsys, monkeypatch):
+    bin_dir = sandbox / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1"),
+                       ("sacct", "exit 0"),  # no accounting: nothing printed
+                       ("scontrol", "echo 'JobId=4242 JobState=COMPLETED Reason=None ExitCode=0:0 Restarts=1'")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert main(["slurm", "status", "4242"]) == 0
+    assert capsys.readouterr().out.strip() == "JobId=4242 JobState=COMPLETED Reason=None ExitCode=0:0 Restarts=1"

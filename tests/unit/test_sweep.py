@@ -18,7 +18,7 @@ import yaml
 from acceltrain.cli import main
 from acceltrain.config import UserError
 from acceltrain.sweep import ParameterGrid, ParameterGridSearch, git_record, load_sweep, set_dotted
-from tests.unit.test_slurm_render import ARGV_LOG, cli_error, fake_slurm_bin, run_rendered
+from tests.unit.test_slurm_render import ARGV_LOG, cli_error, fake_slurm_bin, run_rendered, sbatch_option
 
 ECHO = Path(__file__).resolve().parents[1] / "integration" / "scripts" / "sweep_echo.py"
 NAMES_2X3 = ["lr=0.001_n_layers=2", "lr=0.001_n_layers=4", "lr=0.001_n_layers=8",
@@ -96,6 +96,27 @@ def test_dry_run_lists_the_runs_and_writes_nothing(here: Path, capsys):
     assert sorted(p.name for p in here.iterdir()) == before
     assert main(["sweep", "sweep.yaml", "--dry_run", "--naming", "sequential", "--output_dir", "o"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[0] == "run_000"
+
+
+def test_dry_run_accepts_both_spellings(here: Path, capsys):
+    write_sweep(here)
+    outputs = []
+    for flag in ("--dry_run", "--dry-run"):
+        assert main(["sweep", "sweep.yaml", flag]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("6 runs in runs/sweep:")
+    assert not (here / "runs").exists()
+
+
+def test_an_output_dir_with_spaces_gets_a_quoted_default_log(here: Path, capsys):
+    write_sweep(here, naming="sequential", output_dir="my runs/lr sweep")
+    assert main(["sweep", "sweep.yaml", "--render"]) == 0
+    script = capsys.readouterr().out
+    assert '#SBATCH --output="my runs/lr sweep/slurm-%A_%a.out"\n' in script
+    assert sbatch_option(script, "output") == "my runs/lr sweep/slurm-%A_%a.out"
+    (here / "my runs/lr sweep/run_002").mkdir(parents=True)  # --slurm writes the run folders first
+    launch, = (c for c in run_rendered(script, here, SLURM_ARRAY_TASK_ID="2") if c["prog"] == "accelerate")
+    assert launch["argv"][-5:-2] == ["echo.py", "--config", "my runs/lr sweep/run_002/sweep_config.yaml"]
 
 
 def git(repo: Path, *args: str) -> str:
