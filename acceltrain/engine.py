@@ -43,7 +43,14 @@ class GradientOps:
             if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
                 handlers.append(InitProcessGroupKwargs(backend="gloo"))
             kwargs["kwargs_handlers"] = handlers
-        return Accelerator(**kwargs)
+        acc = Accelerator(**kwargs)
+        asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+        if (asked or kwargs.get("deepspeed_plugin")) and acc.distributed_type != DistributedType.DEEPSPEED:
+            # Accelerate drops the DeepSpeed plugin without a word when it is told to use the CPU.
+            raise ValueError(
+                f"DeepSpeed was asked for but Accelerate chose {acc.distributed_type.value}: ACCELERATE_USE_CPU=true "
+                "or device='cpu' turns DeepSpeed off; for DeepSpeed on CPU ranks leave both unset")
+        return acc
 
     def _backward(self, loss: torch.Tensor) -> None:
         if not self._fast_path:

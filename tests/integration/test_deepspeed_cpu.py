@@ -34,11 +34,18 @@ def ddp(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_matches_ddp_with_accumulation_clipping_and_schedule(tmp_path, ddp, stage):
     # No ACCELERATE_USE_CPU: with it Accelerate picks MULTI_CPU and ignores the DeepSpeed plugin.
-    torchrun(SCRIPT, f"ds{stage}", str(tmp_path), env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "false"})
+    torchrun(SCRIPT, f"ds{stage}", str(tmp_path), env={**DS_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)})
     result = json.loads((tmp_path / f"ds{stage}.json").read_text())
     assert result["engine"] == "DeepSpeedEngine" and result["world"] == 2
     for name, values in ddp.items():
         torch.testing.assert_close(torch.tensor(result["params"][name]), torch.tensor(values), atol=1e-5, rtol=0)
+
+
+def test_deepspeed_asked_for_on_a_cpu_device_is_refused_not_run_as_ddp(tmp_path):
+    proc = torchrun(SCRIPT, "cpu_ds", str(tmp_path), env=DS_ENV, check=False)
+    assert proc.returncode != 0
+    assert "DeepSpeed was asked for but Accelerate chose MULTI_CPU" in proc.stdout + proc.stderr
+    assert not (tmp_path / "cpu_ds.json").exists()
 
 
 # ---------------------------------------------------------------- checkpoint and resume

@@ -1,7 +1,9 @@
 """Run under torchrun (2 CPU ranks): the trainer on DeepSpeed ZeRO-2/3, or DDP for reference.
 
-Usage: deepspeed_check.py {ds2,ds3,ddp} OUT   -> OUT/{mode}.json (full parameters after 8 steps)
-DeepSpeed runs with ACCELERATE_USE_DEEPSPEED=true and a gloo process group (no GPU here).
+Usage: deepspeed_check.py {ds2,ds3,ddp,cpu_ds} OUT  -> OUT/{mode}.json (full parameters after 8 steps)
+DeepSpeed runs with ACCELERATE_USE_DEEPSPEED=true and a gloo process group (no GPU here): ds2 lets
+the trainer build its Accelerator from the environment, ds3 passes its own; cpu_ds asks for
+DeepSpeed with device="cpu", which must be refused rather than silently run as DDP.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     kw = dict(max_steps=8, gradient_accumulation_steps=2, batch_size=4, n=128, optimizer="adamw", grad_clip=0.5,
               scheduler=True)
-    if mode.startswith("ds"):
+    if mode == "ds2":
+        # The trainer builds its Accelerator from the launcher's environment (ACCELERATE_USE_DEEPSPEED,
+        # ACCELERATE_DEEPSPEED_ZERO_STAGE), as under `accelerate launch --config_file deepspeed_zero2.yaml`:
+        # without a GPU it must pick the gloo backend itself, or each rank thinks it is rank 0 of 1.
+        trainer = ToyTrainer(**kw)
+    elif mode.startswith("ds"):
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
@@ -27,7 +34,7 @@ def main() -> None:
         acc = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
         trainer = ToyTrainer(accelerator=acc, **kw)
     else:
-        trainer = ToyTrainer(device="cpu", **kw)
+        trainer = ToyTrainer(device="cpu", **kw)  # cpu_ds: DeepSpeed asked for, and refused, here
     trainer.train()
     full = trainer.accelerator.get_state_dict(trainer.model)  # gathers ZeRO-3 partitions
     if trainer.is_main_process:
