@@ -1,0 +1,8 @@
+"""``python -m acceltrain ...``: the same command as the ``acceltrain`` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
