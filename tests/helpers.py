@@ -100,21 +100,25 @@ def params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def cpu_fsdp2_accelerator(**kwargs: Any):
+def cpu_fsdp2_accelerator(*, like_fsdp2_yaml: bool = False, **kwargs: Any):
     """An Accelerator running FSDP2 on gloo CPU ranks (test-only shim).
 
     Accelerate enables FSDP only for GPU-like multi-process types, so create the Accelerator
     for CPU and then switch the distributed type and plugin on *both* the process-wide
     PartialState and this AcceleratorState (``prepare`` re-reads the former and would undo a
     change to the latter alone). ``prepare`` then wraps the model with ``fully_shard``.
+    ``like_fsdp2_yaml``: also what accelerate_configs/fsdp2.yaml sets: one FSDP unit per
+    transformer block (the model's ``_no_split_modules``) and CPU-RAM-efficient loading.
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
                       step_scheduler_with_optimizer=False, **kwargs)
+    yaml_settings = {"auto_wrap_policy": "transformer_based_wrap", "cpu_ram_efficient_loading": True}
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                            state_dict_type="SHARDED_STATE_DICT")
+                                            state_dict_type="SHARDED_STATE_DICT",
+                                            **(yaml_settings if like_fsdp2_yaml else {}))
     for state in (PartialState(), acc.state):
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin

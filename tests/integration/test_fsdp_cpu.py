@@ -44,7 +44,11 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_identically(tmp_path_factory):
 
 
 def test_fsdp2_export_is_one_safetensors_hf_folder(tmp_path):
-    torchrun(SCRIPT, "hf", str(tmp_path))
+    # With fsdp2.yaml's settings: one FSDP unit per decoder layer (plus the root), weights
+    # loaded on rank 0 and broadcast (CPU-RAM-efficient loading).
+    proc = torchrun(SCRIPT, "hf", str(tmp_path))
+    units = next(line for line in proc.stdout.splitlines() if line.startswith("fsdp units")).split()[2:]
+    assert units[0] == "FSDPLlamaForCausalLM" and units.count("FSDPLlamaDecoderLayer") == 2, units
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / "hf"

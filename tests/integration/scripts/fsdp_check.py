@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--ddp", action="store_true")
     args = ap.parse_args()
-    acc = None if args.ddp else cpu_fsdp2_accelerator()
+    # hf: with accelerate_configs/fsdp2.yaml's auto-wrap and CPU-RAM-efficient loading.
+    acc = None if args.ddp else cpu_fsdp2_accelerator(like_fsdp2_yaml=args.mode == "hf")
     kw = {"accelerator": acc} if acc is not None else {"device": "cpu"}
     if args.mode == "toy":
         t = ToyTrainer(max_steps=10, gradient_accumulation_steps=2, batch_size=4, n=128, optimizer="adamw",
@@ -60,6 +61,11 @@ def main() -> None:
     else:
         t = TinyLlama(max_steps=4, **kw)
         t.train()
+        if t.is_main_process and not args.ddp:
+            from torch.distributed.fsdp import FSDPModule
+
+            units = [type(m).__name__ for m in t.model.modules() if isinstance(m, FSDPModule)]
+            print("fsdp units", " ".join(units))
         t.save_pretrained(args.out / "hf")
         probe = torch.arange(10).unsqueeze(0)
         t.model.eval()
