@@ -46,6 +46,18 @@ def recipe_args(args: argparse.Namespace, out: Path) -> list[str]:
             "--save_interval", "100000", "--log_interval", "20", "--sample_tokens", "0", "--overwrite", "true"]
 
 
+def nanogpt_step(model, opt, sched, batch, grad_clip: float) -> None:
+    """The raw loop's step: forward, backward, clip, AdamW, schedule, zero (nanoGPT's order)."""
+    import torch
+
+    loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
@@ -87,13 +99,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
         for step in range(cfg.max_steps):
             if step == args.warmup:
                 start = time.perf_counter()
-            batch = next(it)
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            nanogpt_step(model, opt, sched, next(it), cfg.grad_clip)
         seconds = time.perf_counter() - start
         data_share = float("nan")
     steps = cfg.max_steps - args.warmup
@@ -133,16 +139,7 @@ def ab(args: argparse.Namespace, control: bool = False) -> dict[str, float]:
 
         batches = epochs()
 
-        def raw_step() -> None:
-            batch = next(batches)
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-
-        return raw_step
+        return lambda: nanogpt_step(model, opt, sched, next(batches), cfg.grad_clip)
 
     raw_step = raw_loop()
     other = raw_loop() if control else trainer._run_step

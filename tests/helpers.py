@@ -123,3 +123,17 @@ def cpu_fsdp2_accelerator(*, like_fsdp2_yaml: bool = False, **kwargs: Any):
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
     return acc
+
+
+def cli_error(capsys: Any, *argv: str) -> str:
+    """Run ``acceltrain`` in-process; it must exit 2 with one ``error:`` line on stderr (returned)."""
+    import pytest
+
+    from acceltrain.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from acceltrain.cli import main
-
-
-def cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+from tests.helpers import cli_error
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from acceltrain.cli import main
 from acceltrain.config import UserError
 from acceltrain.slurm import load_slurm_config, read_yaml, render_sbatch
 from tests.conftest import ROOT
+from tests.helpers import cli_error
 
 # Each would run `touch pwned` if it reached a shell unquoted (or, with the newline, started
 # a shell line after an #SBATCH comment).
@@ -212,15 +213,6 @@ def test_config_file_and_flags_compose(sandbox: Path):
     assert (cfg.nodes, cfg.time, cfg.env, cfg.script) == (3, "1:00:00", {"A": "1", "B": "three"}, "train.py")
     assert cfg.script_args == ["--lr", "0.001", "--compile", "true", "--resume=false"]
     assert render_sbatch(cfg).rstrip().endswith("--compile true --resume=false")  # no second --resume
-
-
-def cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("yaml_text, message", [
