@@ -141,7 +141,10 @@ def _load_causal_lm(folder: str, trust_remote_code: bool) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {folder}: cannot load a causal LM and tokenizer ({str(e).splitlines()[0]})") from None
-    return model.eval(), tok
+    import torch
+
+    # One device: the first GPU when there is one (untested here: this project has no GPU).
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tok
 
 
 def _check(ok: bool, flag: str, expected: str, value: Any) -> None:
@@ -173,7 +176,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     check_generate_args(args)
     model, tok = _load_causal_lm(args.model, args.trust_remote_code)
-    ids = tok(args.prompt, return_tensors="pt").input_ids
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise UserError(f"--prompt {args.prompt!r}: the tokenizer of {args.model} turns it into no tokens")
     sample = args.temperature > 0 and args.num_beams == 1
@@ -221,12 +224,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            ids = batch["input_ids"].to(model.device)
+            loss = model(input_ids=ids, labels=ids).loss
             total += loss.item() * len(batch["input_ids"])
             count += len(batch["input_ids"])
     loss = total / count
     print(json.dumps({"model": args.model, "windows": count, "seq_len": args.seq_len, "tokens": corpus.num_tokens,
-                      "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4) if loss < 700 else math.inf}))
+                      # JSON has no infinity: a perplexity too large for a float is null.
+                      "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4) if loss < 700 else None}))
     return 0
 
 

@@ -27,6 +27,9 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,9 +40,19 @@ def torchrun(script: Path | str, *args: str, nproc: int = 2, timeout: float = 24
              check: bool = True) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` CPU ranks (gloo) with torchrun, as the README documents."""
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+    def launch() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+    proc = launch()
+    if proc.returncode != 0 and GLOO_EXIT_ABORT in proc.stderr:
+        # A known gloo teardown race: now and then a rank that finished its work aborts in the
+        # C++ runtime while the interpreter exits (README, Limits). What the test checks is the
+        # work, so run it once more; a second abort fails the test.
+        print(f"torchrun: {GLOO_EXIT_ABORT!r} at exit; running once more", file=sys.stderr)
+        proc = launch()
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
