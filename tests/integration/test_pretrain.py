@@ -126,6 +126,21 @@ def test_second_run_hits_the_tokenizer_and_packing_caches(tiny_run, corpus, tmp_
     assert "300 tokens (cached)" in second.stdout and "tokens packed (cached)" in second.stdout
 
 
+def test_an_existing_tokenizer_is_used_not_trained(tiny_run, corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    out, _, _ = tiny_run
+    tok_dir = tmp_path / "tok"
+    AutoTokenizer.from_pretrained(out / "final").save_pretrained(tok_dir)
+    run_dir = tmp_path / "with_tok"
+    # --vocab_size 100 would be refused if a BPE were to be trained: with --tokenizer it is unused.
+    run("--output_dir", str(run_dir), "--dataset", str(corpus), "--max_steps", "2", *TINY, "--vocab_size", "100",
+        "--tokenizer", str(tok_dir), cache=tmp_path / "fresh_cache")
+    assert not (tmp_path / "fresh_cache" / "tokenizers").exists()
+    assert (run_dir / "final" / "tokenizer.json").read_text() == (tok_dir / "tokenizer.json").read_text()
+    assert f"tokenizer | {tok_dir} |" in (run_dir / "final" / "README.md").read_text()
+
+
 def test_default_corpus_gpt2_arch_loss_falls(tmp_path):
     """No --dataset: the standard library of this Python, read at run time."""
     out = tmp_path / "stdlib"

@@ -390,6 +390,25 @@ def test_load_texts_errors_name_the_file_or_field(tmp_path, monkeypatch):
         load_texts("someone/corpus")
 
 
+def test_hub_dataset_name_config_and_split_reach_load_dataset(monkeypatch):
+    # No network here: datasets.load_dataset is replaced by an in-memory table, and what the
+    # loader was asked for is recorded.
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config_name=None, *, split, cache_dir=None):
+        calls.append((name, config_name, split))
+        return datasets.Dataset.from_dict({"body": ["first doc", "second doc"], "id": [1, 2]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    got = load_texts("someone/corpus", text_column="body", config_name="raw-v1", split="train[:10%]")
+    assert got == ["first doc", "second doc"]
+    assert calls == [("someone/corpus", "raw-v1", "train[:10%]")]
+    with pytest.raises(DataError, match=r"hub dataset 'someone/corpus': no column 'text'; available columns: body, id"):
+        load_texts("someone/corpus")
+
+
 def test_stdlib_corpus_is_deterministic_and_capped():
     docs = python_stdlib_corpus(max_bytes=300_000)
     assert docs and docs == python_stdlib_corpus(max_bytes=300_000)
