@@ -121,8 +121,9 @@ class GradientOps:
             # The gradients were reduced across ranks, so finiteness is the same everywhere.
             (flags, work), self._agreement = self._agreement, None
             work.wait()
-            total, stop = flags.tolist()
-            return math.isfinite(grad_norm.item()), int(total), stop > 0
+            # One read from the device for the flags and the norm (on a GPU: one host sync).
+            total, stop, norm = torch.cat([flags, grad_norm.detach().reshape(1).to(flags)]).tolist()
+            return math.isfinite(norm), int(total), stop > 0
         flags = torch.stack(
             [
                 (~torch.isfinite(grad_norm)).to(torch.float32),
