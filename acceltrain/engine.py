@@ -19,6 +19,28 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
+def reset_accelerate_state(*, cpu: bool) -> None:
+    """Clear Accelerate's process-wide state so the next ``Accelerator`` gets the settings it asks for.
+
+    ``AcceleratorState``/``PartialState``/``GradientState`` are singletons: without this a second
+    trainer in one process (a notebook, a sweep) asking for another ``mixed_precision`` fails
+    with "AcceleratorState has already been initialized". ``_reset_state`` is private API (what
+    Accelerate's own test base class calls); this is the one place that uses it. Under a live
+    process group only the single-process parts are reset: ``PartialState`` owns the group.
+    """
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        partial = PartialState._shared_state
+        if partial and cpu and partial.get("device") is not None and partial["device"].type != "cpu":
+            raise ValueError(f"device='cpu' was asked for, but this process's distributed state already runs on "
+                             f"{partial['device']}: a running process group keeps its device")
+        AcceleratorState._reset_state(reset_partial_state=False)
+    else:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 class GradientOps:
     """Engine-specific parts of a step (see BaseTrainer._run_step for the order)."""
 
@@ -43,6 +65,7 @@ class GradientOps:
             if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
                 handlers.append(InitProcessGroupKwargs(backend="gloo"))
             kwargs["kwargs_handlers"] = handlers
+        reset_accelerate_state(cpu=bool(kwargs.get("cpu")))
         acc = Accelerator(**kwargs)
         asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
         if (asked or kwargs.get("deepspeed_plugin")) and acc.distributed_type != DistributedType.DEEPSPEED:

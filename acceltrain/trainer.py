@@ -60,6 +60,9 @@ class BaseTrainer(GradientOps):
         logger: A ``logging.Logger``; defaults to ``logging.getLogger("acceltrain")``.
         accelerator: A ready ``Accelerator`` (its settings win over ``mixed_precision``/``device``).
         accelerator_kwargs: Extra keyword arguments for the ``Accelerator`` the trainer creates.
+            Creating one resets Accelerate's process-wide state first, so several trainers in
+            one process (a notebook, a sweep) each get the precision they ask for; an earlier
+            trainer's ``accelerator`` then reports the newer settings, so train one at a time.
         data_seed: Seed of the shuffling order when the trainer makes the data loader
             resumable; default: the loader's generator seed, else rank 0's ``torch.initial_seed()``.
 
