@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .hooks.base import BaseHook
-from .utils import dedupe_tensors
+from .utils import dedupe_tensors, in_workspace
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
@@ -75,7 +75,7 @@ class ExportHook(BaseHook):
         self.merge_lora = merge_lora
 
     def _root(self, trainer: BaseTrainer) -> Path:
-        return self.path if self.path.is_absolute() or trainer.workspace is None else trainer.workspace / self.path
+        return in_workspace(self.path, trainer.workspace)
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         if self.interval and trainer.step % self.interval == 0 and trainer.step != trainer.max_steps:

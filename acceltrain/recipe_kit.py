@@ -20,6 +20,7 @@ from .evaluation import EvaluationHook
 from .hooks import CheckpointingHook, LoggingHook, ProgressHook
 from .hooks.base import BaseHook
 from .trainer import BaseTrainer
+from .utils import folder_problem
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -465,6 +466,9 @@ class RecipeTrainer(BaseTrainer):
 
     def __init__(self, cfg: Any, **trainer_kwargs: Any):
         self.cfg = cfg
+        problem = folder_problem(cfg.output_dir)
+        if problem:
+            raise UserError(f"--output_dir {cfg.output_dir}: {problem}")
         super().__init__(**trainer_kwargs)
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
                                        is_main=self.accelerator.is_main_process)

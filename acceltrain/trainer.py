@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
 from .hooks.base import EVENTS, BaseHook
-from .utils import key_average
+from .utils import folder_problem, key_average
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~50 MiB: imported when a state is taken
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -121,6 +121,9 @@ class BaseTrainer(GradientOps):
         self.state_dict_options = state_dict_options
         self.logger = logger or logging.getLogger("acceltrain")
         self.workspace = Path(workspace) if workspace is not None else None
+        problem = folder_problem(self.workspace) if self.workspace is not None else None
+        if problem:
+            raise ValueError(f"workspace {self.workspace}: {problem}")
 
         self.accelerator = accelerator or self._make_accelerator(mixed_precision, device, accelerator_kwargs)
         self.mixed_precision = None if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision

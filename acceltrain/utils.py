@@ -8,6 +8,7 @@ import random
 import resource
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,48 @@ __all__ = [
     "peak_memory_gib",
     "to_float",
     "dedupe_tensors",
+    "in_workspace",
+    "folder_problem",
 ]
+
+
+def in_workspace(path: str | os.PathLike, workspace: str | os.PathLike | None) -> Path:
+    """The one path rule of hooks and exports: a relative ``path`` is inside ``workspace``,
+    unless it already starts with it (so the seed's ``path=self.workspace / "checkpoints"``
+    with a relative workspace is not nested twice). Absolute paths, or no workspace: unchanged.
+
+    Example:
+        >>> in_workspace("checkpoints", "runs/exp1"), in_workspace("runs/exp1/checkpoints", "runs/exp1")
+        (PosixPath('runs/exp1/checkpoints'), PosixPath('runs/exp1/checkpoints'))
+    """
+    path = Path(path)
+    if workspace is None or path.is_absolute():
+        return path
+    workspace = Path(workspace)
+    if path.parts[: len(workspace.parts)] == workspace.parts:
+        return path
+    return workspace / path
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be (or become) a folder this process writes into, or None.
+
+    Catches, before anything is written: a file where the folder should be, a file among its
+    parents, and a folder (or nearest existing parent) that is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" if existing != path else "is not writable"
+    return None
 
 
 def map_nested_tensor(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:

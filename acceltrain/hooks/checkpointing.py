@@ -23,7 +23,7 @@ from ..checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from ..utils import flatten_dict, to_float
+from ..utils import flatten_dict, in_workspace, to_float
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -125,9 +125,7 @@ class CheckpointingHook(BaseHook):
         self._last_saved = -1
 
     def root(self, trainer: BaseTrainer) -> Path:
-        if self.path.is_absolute() or trainer.workspace is None:
-            return self.path
-        return trainer.workspace / self.path
+        return in_workspace(self.path, trainer.workspace)
 
     # ---------------------------------------------------------------- resume
     def on_before_train(self, trainer: BaseTrainer) -> None:

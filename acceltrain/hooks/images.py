@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..utils import in_workspace
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class ImageFileLoggerHook(BaseHook):
     def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
         if dry_run or trainer.step % self.interval:
             return
-        root = self.path if self.path.is_absolute() or trainer.workspace is None else trainer.workspace / self.path
+        root = in_workspace(self.path, trainer.workspace)
         folder = root / f"step_{trainer.step}"
         folder.mkdir(parents=True, exist_ok=True)
         for name, images in records.items():
