@@ -143,7 +143,7 @@ def _load_causal_lm(folder: str, trust_remote_code: bool) -> tuple[Any, Any]:
         raise UserError(f"--model {folder}: cannot load a causal LM and tokenizer ({str(e).splitlines()[0]})") from None
     import torch
 
-    # One device: the first GPU when there is one (untested here: this project has no GPU).
+    # One device: the first GPU when there is one (not yet run on a GPU in CI: README, Limits).
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tok
 
 
