@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,28 @@ def test_two_nodes_are_idle_and_srun_puts_one_task_on_each(two_nodes):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split("\n")[:2]) == ["0 n1", "1 n2"], proc.stdout
+
+
+def test_scancel_usr1_reaches_the_task_on_each_node(two_nodes, tmp_path):
+    # What the preemption test relies on, seen directly: `scancel --signal=USR1` (no --batch)
+    # signals the srun tasks on both nodes, and the batch shell survives it.
+    log = tmp_path / "usr1.out"
+    task = 'trap "echo got USR1 on $SLURMD_NODENAME; exit 0" USR1; echo ready on $SLURMD_NODENAME; ' \
+           'while :; do sleep 0.1; done'
+    script = f"#!/bin/bash\n#SBATCH --nodes=2 --ntasks-per-node=1 --time=2:00 --output={log}\n" \
+             f"srun bash -c {shlex.quote(task)}\necho batch shell still here\n"
+    job = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, check=True,
+                         timeout=60).stdout.strip()
+    try:
+        wait_for("a task on each node", lambda: log.exists() and all(f"ready on {n}" in log.read_text()
+                                                                       for n in ("n1", "n2")), 120, log)
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        wait_for("the job to end", lambda: state(job) == "", 60, log)
+    finally:
+        if state(job):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "got USR1 on n1" in text and "got USR1 on n2" in text and "batch shell still here" in text, text
 
 
 def test_a_two_node_run_equals_two_processes_on_one_node(uninterrupted):
