@@ -207,37 +207,50 @@ def node_task(job: str, node_id: str) -> psutil.Process:
     raise AssertionError(f"no `accelerate launch` task of job {job} on node {node_id}")
 
 
-def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes(uninterrupted, data):
-    out = data["base"] / "node_failure"
-    job, log = submit(data, "node_failure", out)
+@pytest.mark.parametrize("what", ["task", "node"])
+def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes(uninterrupted, data, what):
+    """``task``: SIGKILL of node 1's `accelerate launch` (its launcher dies; the watchdog stops
+    its worker, which saves with rank 0). ``node``: that task and its worker at once, as when the
+    node itself fails (nothing saves; rank 0's next collective fails)."""
+    out = data["base"] / f"{what}_failure"
+    job, log = submit(data, f"{what}_failure", out)
     try:
         wait_for("the job to pass step 12", lambda: last_step(log) >= 12 or state(job) == "", 240, log)
         assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before its node could fail"
         task = node_task(job, "1")
         workers = task.children(recursive=True)
-        task.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
+        assert workers, "no worker under the task"
+        for proc in [task, *(workers if what == "node" else [])]:
+            proc.send_signal(signal.SIGKILL)
+        killed_at, killed = last_step(log), time.monotonic()
         wait_for("the job to end", lambda: state(job) == "", FAILURE_BOUND_S, log)
         took = time.monotonic() - killed
-        for w in workers:  # the killed launcher's own worker too: the watchdog ended it
+        for w in workers:  # the killed launcher's own worker too (what == "task": the watchdog ended it)
             assert not psutil.pid_exists(w.pid) or w.status() == psutil.STATUS_ZOMBIE, w
     finally:
         if state(job):
             subprocess.run(["scancel", job], timeout=30)
     assert took < FAILURE_BOUND_S
-    print(f"the job ended {took:.1f} s after the rank-1 node's task was killed")
+    print(f"{what}: the job ended {took:.1f} s after the rank-1 node's {what} was killed")
     status = cli("slurm", "status", job).stdout
     assert "JobState=COMPLETED" not in status, status
     first = log.read_text()
     assert f"Step {STEPS}/{STEPS}" not in first
+    if what == "task":
+        assert "acceltrain watchdog: the launcher (pid " in first, first[-4000:]
 
     # Resubmitted as is (`--resume true` is in the rendered script): it continues from the last
     # complete checkpoint and ends where the uninterrupted run did, bit for bit.
-    job2, log2 = submit(data, "node_failure", out)
+    job2, log2 = submit(data, f"{what}_failure", out)
     wait_done(job2, log2)
     text = log2.read_text()[len(first):]  # the same log file, appended to
     resumed = re.search(r"resumed from \S*checkpoint_step_(\d+) at step (\d+)", text)
-    assert resumed and resumed.group(1) == resumed.group(2) and int(resumed.group(1)) >= 5, text[-4000:]
+    assert resumed and resumed.group(1) == resumed.group(2), text[-4000:]
+    step = int(resumed.group(1))
+    if what == "node":  # no save at the failure: the last periodic one (save_interval 5)
+        assert step % 5 == 0 and 10 <= step <= killed_at, (step, killed_at)
+    else:  # both ranks agreed on a stop after the watchdog's SIGTERM and saved that step
+        assert step >= killed_at, (step, killed_at)
     assert f"Step {STEPS}/{STEPS}" in text
     assert_bitwise_equal(weights(out), weights(uninterrupted["out"]))
 
