@@ -231,7 +231,7 @@ def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes
         if state(job):
             subprocess.run(["scancel", job], timeout=30)
     assert took < FAILURE_BOUND_S
-    print(f"{what}: the job ended {took:.1f} s after the rank-1 node's {what} was killed")
+    print(f"{what}: the job ended {took:.1f} s after SIGKILL on the rank-1 node")
     status = cli("slurm", "status", job).stdout
     assert "JobState=COMPLETED" not in status, status
     first = log.read_text()
