@@ -149,7 +149,7 @@ class BaseTrainer(GradientOps):
         self._skip_reason: str | None = None
         self._stop_local = False
         self._built = False
-        self._failed = False  # the last train() raised
+        self._failed = False  # the last train() raised inside its step loop
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
         self._data: DataStream | None = None
@@ -222,16 +222,19 @@ class BaseTrainer(GradientOps):
     def train(self) -> None:
         """Build, prepare, then run steps until ``max_steps`` or a stop request."""
         self._build()
-        finished = False
+        finished = in_loop = False
         try:
             self._call_hook("on_before_train")
             with _loop_timeout(self.collective_timeout if self._sync_needed else None):
+                in_loop = True
                 while self.step < self.max_steps and not self.should_stop:
                     self._run_step()
+                in_loop = False
             self._call_hook("on_after_train")
             finished = True
         finally:
-            self._failed = not finished  # close() then skips the barriers: a peer may be gone
+            # Raised inside the step loop, where a peer may be gone: close() skips its barriers.
+            self._failed = in_loop
             if finished:
                 self.accelerator.wait_for_everyone()
             for tracker in self.accelerator.trackers:
