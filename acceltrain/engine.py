@@ -15,6 +15,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from .watchdog import start_launcher_watchdog
+
 # Distributed types where gradients are plain tensors and torch's own clipping is exact.
 PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
@@ -43,6 +45,18 @@ def reset_accelerate_state(*, cpu: bool) -> None:
 
 class GradientOps:
     """Engine-specific parts of a step (see BaseTrainer._run_step for the order)."""
+
+    def _guard_processes(self, collective_timeout: float | None) -> float | None:
+        """Validate ``collective_timeout``; in a multi-process run, start the launcher watchdog
+        (a rank whose launcher died stops, then exits, instead of sleeping in a collective)."""
+        if collective_timeout is not None and (
+            isinstance(collective_timeout, bool) or not isinstance(collective_timeout, int | float)
+            or not 0 < collective_timeout < math.inf
+        ):
+            raise ValueError(f"collective_timeout must be a number of seconds > 0 or None, got {collective_timeout!r}")
+        if self.accelerator.num_processes > 1:
+            start_launcher_watchdog()
+        return None if collective_timeout is None else float(collective_timeout)
 
     def _make_accelerator(
         self, mixed_precision: str | None, device: Any, kwargs: dict[str, Any] | None

@@ -23,6 +23,7 @@ from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
 from .hooks.base import EVENTS, BaseHook
 from .utils import folder_problem, key_average
+from .watchdog import collective_timeout as _loop_timeout
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~50 MiB: imported when a state is taken
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -65,6 +66,9 @@ class BaseTrainer(GradientOps):
             trainer's ``accelerator`` then reports the newer settings, so train one at a time.
         data_seed: Seed of the shuffling order when the trainer makes the data loader
             resumable; default: the loader's generator seed, else rank 0's ``torch.initial_seed()``.
+        collective_timeout: Seconds a collective in the step loop may wait for its peers before
+            it raises (multi-process runs; ``None`` keeps the process group's own, 10-30 min).
+            Setup (data preparation on one rank, checkpoint loading) keeps the longer one.
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -97,6 +101,7 @@ class BaseTrainer(GradientOps):
         accelerator: Accelerator | None = None,
         accelerator_kwargs: dict[str, Any] | None = None,
         data_seed: int | None = None,
+        collective_timeout: float | None = 60.0,
     ) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
@@ -133,6 +138,7 @@ class BaseTrainer(GradientOps):
                 "or loss scaling (silently fp32); use mixed_precision='bf16' on the CPU"
             )
         self.device = self.accelerator.device
+        self.collective_timeout = self._guard_processes(collective_timeout)
 
         self.step = 0
         self.step_info: dict[str, Any] = {}
@@ -149,6 +155,7 @@ class BaseTrainer(GradientOps):
         self._skip_reason: str | None = None
         self._stop_local = False
         self._built = False
+        self._failed = False  # the last train() raised inside its step loop
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
         self._data: DataStream | None = None
@@ -221,14 +228,19 @@ class BaseTrainer(GradientOps):
     def train(self) -> None:
         """Build, prepare, then run steps until ``max_steps`` or a stop request."""
         self._build()
-        finished = False
+        finished = in_loop = False
         try:
             self._call_hook("on_before_train")
-            while self.step < self.max_steps and not self.should_stop:
-                self._run_step()
+            with _loop_timeout(self.collective_timeout if self._sync_needed else None):
+                in_loop = True
+                while self.step < self.max_steps and not self.should_stop:
+                    self._run_step()
+                in_loop = False
             self._call_hook("on_after_train")
             finished = True
         finally:
+            # Raised inside the step loop, where a peer may be gone: close() skips its barriers.
+            self._failed = in_loop
             if finished:
                 self.accelerator.wait_for_everyone()
             for tracker in self.accelerator.trackers:
@@ -244,10 +256,11 @@ class BaseTrainer(GradientOps):
         interpreter at exit when a process group is torn down while other ranks still talk.
         """
         acc = self.accelerator
-        if acc.num_processes > 1 and torch.distributed.is_initialized():
+        failed = self._failed
+        if acc.num_processes > 1 and torch.distributed.is_initialized() and not failed:
             acc.wait_for_everyone()
         acc.end_training()
-        _destroy_process_group()
+        _destroy_process_group(meet=not failed)
 
     def state_dict(self) -> dict[str, Any]:
         """The full training state: model, optimizer, scheduler, scaler, step, hooks.
@@ -686,13 +699,13 @@ def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group(meet: bool = True) -> None:
     # gloo aborts the interpreter at exit ("terminate called without an active exception") if
     # the process group is still alive, and now and then when one rank tears it down while a
     # peer still talks on it: meet first. A peer that died does not come; after the timeout the
     # group goes anyway.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() == "gloo":
+        if meet and torch.distributed.get_backend() == "gloo":
             try:
                 torch.distributed.monitored_barrier(timeout=_EXIT_BARRIER_TIMEOUT)
             except RuntimeError:

@@ -17,6 +17,15 @@ order, so the machine's drift between runs (10-20% here) cannot move the ratio; 
 steps run through ``trainer._run_step()``, what ``train()`` runs in its loop. A control run
 puts a second hand-written loop in the trainer's place (A/A): its distance from 1.0 is what
 the harness cannot resolve. Writes ``ddp_ab.json``.
+
+    python benchmarks/ddp.py --two_nodes [--repeats 3]
+
+runs the BaseTrainer row (accumulation 1) as 2 processes on one node (``torchrun
+--nproc_per_node 2``) and as a 2-node SLURM job with one process per node (``srun -N 2`` of
+``torchrun --nnodes 2 --node_rank $SLURM_NODEID --master_addr n1``, the two-node cluster of
+``.ci/slurm-up.sh``), interleaved. Both "nodes" are this machine and talk over loopback, so
+the ratios show what the launch (an allocation, srun, a rendezvous across nodes) costs, not
+network speed. Writes ``ddp_two_nodes.json``.
 """
 
 from __future__ import annotations
@@ -254,6 +263,40 @@ def torchrun(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
 
 
+def two_nodes(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """The 2-process single-node row against the 2-node row (one process per node)."""
+    worker_args = ["--worker", "acceltrain", "1", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    runs: dict[str, list[dict]] = {"one_node": [], "two_nodes": []}
+    for _ in range(args.repeats):
+        for row in runs:
+            if row == "one_node":
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                       f"--master_port={free_port()}", __file__, *worker_args]
+            else:
+                inner = ('exec "$0" -m torch.distributed.run --nnodes 2 --node_rank "$SLURM_NODEID" --nproc_per_node 1 '
+                         f'--master_addr n1 --master_port {free_port()} "$@"')
+                cmd = ["srun", "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "bash", "-c", inner,
+                       sys.executable, __file__, *worker_args]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+            wall = time.perf_counter() - t0
+            result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+            runs[row].append({**result, "wall_s": wall})
+    summary = {row: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for row, rows in runs.items()}
+    one, two = summary["one_node"], summary["two_nodes"]
+    print(f"BaseTrainer, 2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, accumulation 1, "
+          f"{args.steps - args.warmup} timed steps, median of {args.repeats}. Both nodes are this machine "
+          "(loopback): the ratios show launch and rendezvous overhead, not network speed.")
+    print(f"{'row':>28} {'steps/s':>9} {'wall s (launch to exit)':>24}")
+    print(f"{'1 node x 2 processes':>28} {one['steps_per_s']:9.1f} {one['wall_s']:24.1f}")
+    print(f"{'2 nodes x 1 process (SLURM)':>28} {two['steps_per_s']:9.1f} {two['wall_s']:24.1f}")
+    print(f"2 nodes / 1 node: steps/s {two['steps_per_s'] / one['steps_per_s']:.3f}x, "
+          f"wall time {two['wall_s'] / one['wall_s']:.3f}x (+{two['wall_s'] - one['wall_s']:.1f} s)")
+    out = args.out.with_name(args.out.stem + "_two_nodes.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -263,6 +306,8 @@ def main() -> None:
                     help="instead: both loops in the same two processes, alternating chunks (ABBA)")
     ap.add_argument("--pairs", type=int, default=300, help="with --ab: chunk pairs")
     ap.add_argument("--chunk", type=int, default=1, help="with --ab: steps per chunk")
+    ap.add_argument("--two_nodes", action="store_true",
+                    help="instead: 2 processes on one node against a 2-node SLURM job (needs .ci/slurm-up.sh)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -275,6 +320,9 @@ def main() -> None:
             print(json.dumps(result))
         return
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if args.two_nodes:
+        two_nodes(args, env)
+        return
     if args.ab:
         results = {}
         print(f"2 gloo ranks, MLP {DIM}-{HIDDEN}-{HIDDEN}-10, batch {BATCH}/rank, both loops in one torchrun job, "

@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "accelerate_configs").gl
 EXPECTED = {
     "cpu": "NO", "multi_cpu": "MULTI_CPU", "single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp2": "FSDP",
     "fsdp2_offload": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED",
-    "deepspeed_zero3_offload": "DEEPSPEED", "multi_node": "MULTI_GPU",
+    "deepspeed_zero3_offload": "DEEPSPEED", "multi_node": "MULTI_GPU", "multi_node_cpu": "MULTI_GPU",
 }
 
 
