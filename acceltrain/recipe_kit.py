@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
-    "TrainingConfig", "LoraFields", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
+    "TrackingFields", "TrainingConfig", "LoraFields", "configure_output", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
     "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
     "generate_sample", "SampleHook", "RecipeTrainer",
 ]
@@ -140,7 +140,28 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 # ---------------------------------------------------------------------------- config fields
 @dataclass
-class TrainingConfig:
+class TrackingFields:
+    """Where a run reports and how much it prints; every recipe has these fields.
+
+    ``report_to`` takes HF Trainer's names: ``--report_to wandb mlflow`` (or ``wandb,mlflow``),
+    ``all`` (every installed tracker) or ``none``; the run's identity in each tracker is kept in
+    its checkpoints, so a resumed run continues the same tracker run.
+    """
+
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "Experiment trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive (several: "
+                "space- or comma-separated), all (every installed one) or none"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "The run's name in the trackers (default: the output_dir folder's name)"})
+    tracker_project: str = field(default="acceltrain", metadata={
+        "help": "The trackers' project (W&B project, MLflow experiment, Comet/ClearML project)"})
+    log_level: str = field(default="warning", metadata={
+        "help": "Python logging level: debug, info, warning, error or critical; debug also shows third-party "
+                "progress bars and import-time messages"})
+
+
+@dataclass
+class TrainingConfig(TrackingFields):
     """The fields every fine-tuning recipe shares: run folder, step loop, schedule, logs, checkpoints.
 
     A recipe's config subclasses it (and :class:`LoraFields`) and redefines a field to change its
@@ -233,6 +254,63 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_st
 
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio)
+
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def configure_output(log_level: str = "warning") -> None:
+    """Set what a run prints: acceltrain's logger at ``log_level`` (Python's names), and below
+    ``debug`` no third-party progress bars (transformers' "Writing model shards" / "Loading
+    weights", datasets', the Hub's) and no DeepSpeed accelerator-detection line, which DeepSpeed
+    prints to stdout whenever it is merely installed and something asks which device it would use.
+
+    Call it before anything imports DeepSpeed (``RecipeTrainer`` does, first thing).
+
+    Raises:
+        ConfigError: a level that is not one of Python's names.
+    """
+    import logging
+
+    name = str(log_level).strip().lower()
+    if name not in _LEVELS:
+        raise ConfigError(f"log_level {log_level!r}: expected one of {', '.join(_LEVELS)} (Python's logging levels)")
+    level = getattr(logging, name.upper())
+    debug = level <= logging.DEBUG
+    ours = logging.getLogger("acceltrain")
+    ours.setLevel(level)
+    if level < logging.WARNING and not ours.handlers and not logging.getLogger().handlers:
+        # Python's last-resort handler prints warnings only: info and debug lines need one.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+    # A filter, not a level: DeepSpeed's logger factory resets the level when it is imported.
+    deepspeed = logging.getLogger("DeepSpeed")
+    for old in [f for f in deepspeed.filters if isinstance(f, _DeepSpeedDetectionFilter)]:
+        deepspeed.removeFilter(old)
+    if not debug:
+        deepspeed.addFilter(_DeepSpeedDetectionFilter())
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    if debug:
+        datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        quiet_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+    hf_logging.set_verbosity(max(level, logging.WARNING) if not debug else logging.INFO)
+    datasets.logging.set_verbosity(max(level, logging.WARNING) if not debug else logging.INFO)
+
+
+class _DeepSpeedDetectionFilter:
+    """Drops DeepSpeed's accelerator-detection messages ("Setting accelerator to CPU ..."), not
+    its warnings about a DeepSpeed run."""
+
+    def filter(self, record: Any) -> bool:
+        return record.filename != "real_accelerator.py" or record.levelno >= 40  # logging.ERROR
 
 
 def quiet_progress_bars() -> None:
@@ -464,7 +542,13 @@ class RecipeTrainer(BaseTrainer):
     """
 
     def __init__(self, cfg: Any, **trainer_kwargs: Any):
+        from .trackers import parse_report_to
+
         self.cfg = cfg
+        # Before the Accelerator exists (DeepSpeed may be imported with it) and before the
+        # output folder is touched: a bad level or a missing tracker stops here, exit 2.
+        configure_output(getattr(cfg, "log_level", "warning"))
+        self.report_to = parse_report_to(getattr(cfg, "report_to", ["tensorboard"]))
         super().__init__(**trainer_kwargs)
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
                                        is_main=self.accelerator.is_main_process)
@@ -483,7 +567,26 @@ class RecipeTrainer(BaseTrainer):
         ``CheckpointingHook`` arguments), all at the config's intervals."""
         cfg = self.cfg
         self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
-        return [*(first or []), ProgressHook(interval=cfg.log_interval), LoggingHook(interval=cfg.log_interval),
-                self.eval_hook, *(extra or []),
+        from .config import config_to_dict
+
+        log_hook = LoggingHook(interval=cfg.log_interval, report_to=self.report_to,
+                               project=getattr(cfg, "tracker_project", "acceltrain"),
+                               run_name=getattr(cfg, "run_name", None), config=config_to_dict(cfg))
+        return [*(first or []), ProgressHook(interval=cfg.log_interval), log_hook, self.eval_hook, *(extra or []),
                 CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
                                   load="latest" if self.resume else None, requeue=True, **checkpointing)]
+
+    def save_pretrained(self, directory: str | Path, *, model_card: str | None = None, **kwargs: Any) -> Path:
+        """Export as :meth:`BaseTrainer.save_pretrained` does; a model card gains the run's
+        training curves (``directory/curves.png``, drawn when matplotlib is installed) and a table
+        of its final metrics, both from ``metrics.jsonl``. Every rank must call it."""
+        from .plot import curves_section, matplotlib_available, save_curves
+
+        directory = Path(directory)
+        has_metrics = self.workspace is not None and (self.workspace / "metrics.jsonl").is_file()
+        if model_card is not None and has_metrics and self.is_main_process:
+            draw = matplotlib_available()
+            if draw:
+                save_curves([self.workspace], directory / "curves.png", labels=[self.workspace.resolve().name])
+            model_card = model_card + curves_section(self.workspace, "curves.png" if draw else None)
+        return super().save_pretrained(directory, model_card=model_card, **kwargs)
