@@ -119,7 +119,7 @@ def tensorboard_scalars(run: Path, key: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(key)]
 
 
-def assert_one_run_with_every_step_once(tmp: Path, first_ids: tuple[str, str]) -> None:
+def assert_one_run_with_every_step_once(tmp: Path, first_ids: tuple[str, str], sessions: int) -> None:
     run = tmp / "run"
     logged = jsonl(run)
     steps = list(range(1, 13))
@@ -127,7 +127,7 @@ def assert_one_run_with_every_step_once(tmp: Path, first_ids: tuple[str, str]) -
     assert [s for s, _ in logged["eval/loss"]] == [5, 10, 12]
 
     ids, history = wandb_runs(run)
-    assert len(ids) == 2 and set(ids) == {first_ids[0]}  # two sessions, one run
+    assert len(ids) == sessions and set(ids) == {first_ids[0]}  # several sessions, one run
     for key in ("loss", "grad_norm", "lr", "eval/loss"):
         assert history[key] == logged[key], key  # steps once each, values exactly metrics.jsonl's
 
@@ -148,20 +148,15 @@ def _first_ids(tmp: Path) -> tuple[str, str]:
     return wandb_ids[0], mlflow_ids[0]
 
 
-def test_sigterm_at_step_6_then_resume_to_12_is_one_run_in_wandb_mlflow_and_tensorboard(tmp_path):
+def test_sigterm_at_6_crash_after_10_resume_to_12_is_one_run_in_wandb_mlflow_and_tensorboard(tmp_path):
+    # A preemption (SIGTERM: saved at step 6, exit 143), then a crash after step 10 whose last
+    # checkpoint is step 8 (steps 9-10 logged, then trained again), then the run to the end.
     _run(tmp_path, "--save_interval", "4", expect=143, STOP_AT="6", STOP_HOW="sigterm")
     assert [s for s, _ in jsonl(tmp_path / "run")["loss"]] == [1, 2, 3, 4, 5, 6]
     first = _first_ids(tmp_path)
-    _run(tmp_path, "--save_interval", "4", "--resume", "true", expect=0)
-    assert_one_run_with_every_step_once(tmp_path, first)
-
-
-def test_steps_replayed_after_a_crash_are_written_once(tmp_path):
-    # Checkpoint at 4, crash after 7: steps 5-7 are logged, then replayed by the resumed run.
-    proc = _run(tmp_path, "--save_interval", "4", expect=1, STOP_AT="7", STOP_HOW="crash")
-    assert "crash after step 7" in proc.stderr
-    first = _first_ids(tmp_path)
+    proc = _run(tmp_path, "--save_interval", "4", "--resume", "true", expect=1, STOP_AT="10", STOP_HOW="crash")
+    assert "checkpoint_step_6 at step 6" in proc.stderr and "crash after step 10" in proc.stderr
     proc = _run(tmp_path, "--save_interval", "4", "--resume", "true", "--log_level", "info", expect=0)
-    assert "resumed from" in proc.stderr and "checkpoint_step_4 at step 4" in proc.stderr
-    assert "steps 5-7 were logged before the restart: their replay is not logged again" in proc.stderr
-    assert_one_run_with_every_step_once(tmp_path, first)
+    assert "checkpoint_step_8 at step 8" in proc.stderr
+    assert "steps 9-10 were logged before the restart: their replay is not logged again" in proc.stderr
+    assert_one_run_with_every_step_once(tmp_path, first, sessions=3)

@@ -62,7 +62,7 @@ class TrackedTrainer(RecipeTrainer):
 
     def build_hooks(self):
         stop = [StopAt(int(os.environ["STOP_AT"]), os.environ.get("STOP_HOW", "sigterm"))] \
-            if os.environ.get("STOP_AT") and not self.resume else []
+            if os.environ.get("STOP_AT") else []
         return self.standard_hooks(extra=stop)
 
     def forward(self, input):
