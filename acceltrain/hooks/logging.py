@@ -205,7 +205,7 @@ class LoggingHook(BaseHook):
         self._identities: dict[str, dict[str, Any]] = {}  # of the running trackers
         self._resume_identities: dict[str, dict[str, Any]] = {}  # from the checkpoint
         self._started = False
-        self._replay_through = 0  # steps up to this one were logged before a restart
+        self._replay_through = -1  # steps up to this one were logged before a restart (-1: none)
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         if trainer.workspace is not None and trainer.accelerator.is_main_process and self.jsonl:

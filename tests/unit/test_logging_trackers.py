@@ -181,3 +181,19 @@ def test_wandb_hook_is_a_logging_hook_reporting_to_wandb():
     hook = WandbHook(project="p", name="n", interval=5)
     assert isinstance(hook, LoggingHook)
     assert (hook.report_to, hook.project, hook.run_name, hook.interval) == (["tensorboard", "wandb"], "p", "n", 5)
+
+
+def test_records_logged_before_the_first_step_reach_every_sink(tmp_path):
+    class LogAtStart(BaseHook):
+        def on_before_train(self, trainer):
+            trainer.log({"eval/loss": 1.5}, dry_run=not trainer.is_main_process)
+
+    t = ToyTrainer(max_steps=1, workspace=tmp_path, device="cpu", hooks=[LoggingHook(interval=1), LogAtStart()])
+    t.train()
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "eval/loss": 1.5}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(0, 1.5)]
