@@ -18,6 +18,17 @@ from tests.conftest import ROOT
 from tests.helpers import ToyTrainer
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """configure_output changes process-wide loggers: leave them as the next test expects."""
+    ours, deepspeed = logging.getLogger("acceltrain"), logging.getLogger("DeepSpeed")
+    saved = ours.level, list(ours.handlers), list(deepspeed.filters)
+    yield
+    ours.setLevel(saved[0])
+    ours.handlers[:] = saved[1]
+    deepspeed.filters[:] = saved[2]
+
+
 @pytest.mark.parametrize("value, expected", [
     ("tensorboard", ["tensorboard"]),
     (["tensorboard", "wandb"], ["tensorboard", "wandb"]),
@@ -93,8 +104,7 @@ def test_recipes_take_report_to_run_name_project_and_log_level_flags(tmp_path):
     assert parse_config(TrainingConfig, []).report_to == ["tensorboard"]
 
 
-def test_log_level_follows_python_names(monkeypatch):
-    monkeypatch.setattr(logging.getLogger("acceltrain"), "level", logging.getLogger("acceltrain").level)
+def test_log_level_follows_python_names():
     configure_output("ERROR")
     assert logging.getLogger("acceltrain").level == logging.ERROR
     configure_output("debug")
@@ -102,7 +112,6 @@ def test_log_level_follows_python_names(monkeypatch):
     with pytest.raises(ConfigError) as e:
         configure_output("loud")
     assert str(e.value) == "log_level 'loud': expected one of debug, info, warning, error, critical (Python's logging levels)"
-    configure_output("warning")
 
 
 def test_deepspeed_accelerator_detection_line_is_dropped_unless_debug():
@@ -112,15 +121,14 @@ def test_deepspeed_accelerator_detection_line_is_dropped_unless_debug():
         return logging.LogRecord("DeepSpeed", level, f"/x/deepspeed/accelerator/{filename}", 213,
                                  "Setting accelerator to CPU.", None, None)
 
-    try:
-        configure_output("warning")
-        assert not ds.filter(record("real_accelerator.py", logging.WARNING))
-        assert ds.filter(record("real_accelerator.py", logging.ERROR))
-        assert ds.filter(record("engine.py", logging.WARNING))  # a DeepSpeed run's own warnings stay
-        configure_output("debug")
-        assert ds.filter(record("real_accelerator.py", logging.WARNING))
-    finally:
-        configure_output("warning")
+    configure_output("warning")
+    assert not ds.filter(record("real_accelerator.py", logging.WARNING))
+    assert ds.filter(record("real_accelerator.py", logging.ERROR))
+    assert ds.filter(record("engine.py", logging.WARNING))  # a DeepSpeed run's own warnings stay
+    configure_output("warning")  # called again (a second run in one process): still one filter
+    assert len(ds.filters) == len([f for f in ds.filters if type(f).__name__ != "_DeepSpeedDetectionFilter"]) + 1
+    configure_output("debug")
+    assert ds.filter(record("real_accelerator.py", logging.WARNING))
 
 
 class _CrashAt(BaseHook):
