@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError, UserError
+from .console import configure_output, quiet_progress_bars
 from .evaluation import EvaluationHook
 from .hooks import CheckpointingHook, LoggingHook, ProgressHook
 from .hooks.base import BaseHook
@@ -254,73 +255,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_st
 
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio)
-
-
-_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def configure_output(log_level: str = "warning") -> None:
-    """Set what a run prints: acceltrain's logger at ``log_level`` (Python's names), and below
-    ``debug`` no third-party progress bars (transformers' "Writing model shards" / "Loading
-    weights", datasets', the Hub's) and no DeepSpeed accelerator-detection line, which DeepSpeed
-    prints to stdout whenever it is merely installed and something asks which device it would use.
-
-    Call it before anything imports DeepSpeed (``RecipeTrainer`` does, first thing).
-
-    Raises:
-        ConfigError: a level that is not one of Python's names.
-    """
-    import logging
-
-    name = str(log_level).strip().lower()
-    if name not in _LEVELS:
-        raise ConfigError(f"log_level {log_level!r}: expected one of {', '.join(_LEVELS)} (Python's logging levels)")
-    level = getattr(logging, name.upper())
-    debug = level <= logging.DEBUG
-    ours = logging.getLogger("acceltrain")
-    ours.setLevel(level)
-    if level < logging.WARNING and not ours.handlers and not logging.getLogger().handlers:
-        # Python's last-resort handler prints warnings only: info and debug lines need one.
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        ours.addHandler(handler)
-    # A filter, not a level: DeepSpeed's logger factory resets the level when it is imported.
-    deepspeed = logging.getLogger("DeepSpeed")
-    for old in [f for f in deepspeed.filters if isinstance(f, _DeepSpeedDetectionFilter)]:
-        deepspeed.removeFilter(old)
-    if not debug:
-        deepspeed.addFilter(_DeepSpeedDetectionFilter())
-    import datasets
-    import huggingface_hub.utils
-    from transformers.utils import logging as hf_logging
-
-    if debug:
-        datasets.enable_progress_bars()
-        hf_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
-    else:
-        quiet_progress_bars()
-        huggingface_hub.utils.disable_progress_bars()
-    hf_logging.set_verbosity(max(level, logging.WARNING) if not debug else logging.INFO)
-    datasets.logging.set_verbosity(max(level, logging.WARNING) if not debug else logging.INFO)
-
-
-class _DeepSpeedDetectionFilter:
-    """Drops DeepSpeed's accelerator-detection messages ("Setting accelerator to CPU ..."), not
-    its warnings about a DeepSpeed run."""
-
-    def filter(self, record: Any) -> bool:
-        return record.filename != "real_accelerator.py" or record.levelno >= 40  # logging.ERROR
-
-
-def quiet_progress_bars() -> None:
-    """Turn off the per-file progress bars of ``datasets`` and ``transformers`` (reading a table,
-    loading or writing weights): in logs they are noise between the recipe's own lines."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
 
 
 def write_run_config(workspace: Path, cfg: Any) -> None:

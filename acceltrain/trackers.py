@@ -21,9 +21,10 @@ from typing import Any
 
 from .config import ConfigError, UserError
 
-__all__ = ["TRACKERS", "REATTACH", "parse_report_to", "installed", "start_trackers", "loggable_config"]
+__all__ = ["TRACKERS", "parse_report_to", "installed", "start_trackers", "loggable_config"]
 
-#: Every tracker ``--report_to`` accepts: the module it needs and how to install it.
+#: Every tracker ``--report_to`` accepts: the module it needs and how to install it. Reattaching
+#: after a restart is tested for tensorboard, wandb and mlflow (README, Limits).
 TRACKERS: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
     "wandb": ("wandb", "pip install 'acceltrain[wandb]'"),
@@ -33,11 +34,6 @@ TRACKERS: dict[str, tuple[str, str]] = {
     "clearml": ("clearml", "pip install 'acceltrain[clearml]'"),
     "dvclive": ("dvclive", "pip install 'acceltrain[dvclive]'"),
 }
-
-#: The trackers whose reattachment after a restart the test suite checks against the real
-#: package (the others are handed the same identity, untested here: see README, Limits).
-REATTACH = ("tensorboard", "wandb", "mlflow")
-
 
 def installed(name: str) -> bool:
     """Whether the module tracker ``name`` needs can be imported (without importing it)."""
