@@ -177,7 +177,9 @@ def curves_section(run_dir: str | Path, image: str | None) -> str:
 def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``acceltrain plot``."""
     p = sub.add_parser("plot", help="training curves of one or more run folders (from metrics.jsonl) as a PNG",
-                       description=(__doc__ or "").split("\n\n")[0])
+                       description="Training loss, evaluation metrics, learning rate, gradient norm, tokens/s "
+                                   "and MFU against the step, one panel each, the runs overlaid; read from "
+                                   "each RUN_DIR/metrics.jsonl.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
     p.add_argument("--out", default="curves.png", help="the image to write (default: curves.png)")
     p.set_defaults(handler=_run_plot)
