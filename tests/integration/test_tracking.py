@@ -79,11 +79,12 @@ def _wandb_records(path: Path):
             yield pending + chunk
 
 
-def wandb_runs(run: Path) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
-    """(the run id of every session's run record, {key: [(step, value)]}) from the offline run files."""
+def wandb_runs(run: Path) -> tuple[list[tuple[str, str, str]], dict[str, list[tuple[int, float]]]]:
+    """((run id, project, name) of every session's run record, {key: [(step, value)]}) from the
+    offline run files."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    ids: list[str] = []
+    ids: list[tuple[str, str, str]] = []
     history: dict[str, list[tuple[int, float]]] = {}
     for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
         for raw in _wandb_records(path):
@@ -91,7 +92,7 @@ def wandb_runs(run: Path) -> tuple[list[str], dict[str, list[tuple[int, float]]]
             record.ParseFromString(raw)
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                ids.append(record.run.run_id)
+                ids.append((record.run.run_id, record.run.project, record.run.display_name))
             elif kind == "history":
                 for item in record.history.item:
                     key = item.key or "/".join(item.nested_key)
@@ -100,15 +101,16 @@ def wandb_runs(run: Path) -> tuple[list[str], dict[str, list[tuple[int, float]]]
     return ids, history
 
 
-def mlflow_runs(tmp: Path, metrics: list[str]) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
+def mlflow_runs(tmp: Path, metrics: list[str]) -> tuple[list, dict[str, list[tuple[int, float]]]]:
+    """(the runs of experiment "proj", {key: [(step, value)]} of its first run)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=(tmp / "mlruns").as_uri())
-    experiment = client.get_experiment_by_name("proj")
+    experiment = client.get_experiment_by_name("proj")  # --tracker_project
     runs = client.search_runs([experiment.experiment_id])
     history = {key: [(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)]
                for key in metrics} if runs else {}
-    return [r.info.run_id for r in runs], history
+    return runs, history
 
 
 def tensorboard_scalars(run: Path, key: str) -> list[tuple[int, float]]:
@@ -127,12 +129,14 @@ def assert_one_run_with_every_step_once(tmp: Path, first_ids: tuple[str, str], s
     assert [s for s, _ in logged["eval/loss"]] == [5, 10, 12]
 
     ids, history = wandb_runs(run)
-    assert len(ids) == sessions and set(ids) == {first_ids[0]}  # several sessions, one run
+    assert ids == [(first_ids[0], "proj", "r1")] * sessions  # several sessions, one run; --tracker_project, --run_name
     for key in ("loss", "grad_norm", "lr", "eval/loss"):
         assert history[key] == logged[key], key  # steps once each, values exactly metrics.jsonl's
 
     runs, history = mlflow_runs(tmp, ["loss", "grad_norm", "eval/loss"])
-    assert runs == [first_ids[1]]
+    assert [r.info.run_id for r in runs] == [first_ids[1]]
+    assert runs[0].data.tags["mlflow.runName"] == "r1"
+    assert runs[0].data.params["max_steps"] == "12" and runs[0].data.params["report_to"] == "tensorboard,wandb,mlflow"
     for key in ("loss", "grad_norm", "eval/loss"):
         assert history[key] == logged[key], key
 
@@ -143,9 +147,9 @@ def assert_one_run_with_every_step_once(tmp: Path, first_ids: tuple[str, str], s
 
 def _first_ids(tmp: Path) -> tuple[str, str]:
     wandb_ids, _ = wandb_runs(tmp / "run")
-    mlflow_ids, _ = mlflow_runs(tmp, [])
-    assert len(set(wandb_ids)) == 1 and len(mlflow_ids) == 1
-    return wandb_ids[0], mlflow_ids[0]
+    mlflow, _ = mlflow_runs(tmp, [])
+    assert len(wandb_ids) == 1 and len(mlflow) == 1
+    return wandb_ids[0][0], mlflow[0].info.run_id
 
 
 def test_sigterm_at_6_crash_after_10_resume_to_12_is_one_run_in_wandb_mlflow_and_tensorboard(tmp_path):
