@@ -205,3 +205,9 @@ def test_records_logged_before_the_first_step_reach_every_sink(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(0, 1.5)]
+
+
+def test_wandb_hook_without_wandb_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match=r"^WandbHook needs wandb: pip install 'acceltrain\[wandb\]'$"):
+        WandbHook(project="x")
