@@ -162,7 +162,7 @@ class LoggingHook(BaseHook):
     own ``on_log`` it forwards the records to Accelerate's trackers and appends a line to
     ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.
 
-    The trackers start on the main process just before the first step, after a checkpoint was
+    The trackers start on the main process before the first step, once a checkpoint (if any) is
     loaded: each tracker's run identity (W&B id, MLflow run id, TensorBoard folder) is part of
     this hook's checkpointed state, so a resumed run reattaches to the same tracker run. Steps
     that were logged after the last checkpoint, before a crash, are replayed after the resume
@@ -210,13 +210,22 @@ class LoggingHook(BaseHook):
     def on_before_train(self, trainer: BaseTrainer) -> None:
         if trainer.workspace is not None and trainer.accelerator.is_main_process and self.jsonl:
             self._jsonl_path = trainer.workspace / "metrics.jsonl"
+        from .checkpointing import CheckpointingHook
+
+        # A checkpoint a CheckpointingHook loads (after this, in its own on_before_train) holds
+        # the runs to reattach to: then start in on_load_state_dict, else now. Both come before
+        # step 1, whose timing (tokens/s, MFU) a W&B start of seconds would distort.
+        if not any(isinstance(h, CheckpointingHook) and h.load is not None for h in trainer.hooks):
+            self.start_trackers(trainer)
 
     def on_before_step(self, trainer: BaseTrainer) -> None:
-        if not self._started:  # here, not in on_before_train: a checkpoint is loaded after that
+        if not self._started:  # a CheckpointingHook that was to load found no checkpoint
             self.start_trackers(trainer)
 
     def start_trackers(self, trainer: BaseTrainer) -> None:
         """Start (or reattach) this hook's trackers on the main process; once per ``train()``."""
+        if self._started:
+            return
         self._started = True
         acc = trainer.accelerator
         attached = {t.name for t in acc.trackers}
@@ -256,8 +265,7 @@ class LoggingHook(BaseHook):
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
         if dry_run or not records or trainer.step <= self._replay_through:
             return
-        if not self._started:  # records before the first step (an evaluation at step 0)
-            self.start_trackers(trainer)
+        self.start_trackers(trainer)  # records before on_before_train (a no-op once started)
         flat = {k: to_float(v) for k, v in flatten_dict(records).items() if _numeric(v)}
         trainer.accelerator.log(flat, step=trainer.step)
         if self._jsonl_path is not None:
@@ -276,13 +284,13 @@ class LoggingHook(BaseHook):
             wandb[0].log_images(images, step=trainer.step)
 
     def on_load_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
-        if trainer.workspace is None or not self.jsonl or not trainer.accelerator.is_main_process:
-            return
-        logged = _last_logged_step(trainer.workspace / "metrics.jsonl")
-        if logged > trainer.step:
-            self._replay_through = logged
-            trainer.logger.info("steps %d-%d were logged before the restart: their replay is not logged again",
-                                trainer.step + 1, logged)
+        if trainer.workspace is not None and self.jsonl and trainer.accelerator.is_main_process:
+            logged = _last_logged_step(trainer.workspace / "metrics.jsonl")
+            if logged > trainer.step:
+                self._replay_through = logged
+                trainer.logger.info("steps %d-%d were logged before the restart: their replay is not logged again",
+                                    trainer.step + 1, logged)
+        self.start_trackers(trainer)
 
     def on_teardown(self, trainer: BaseTrainer) -> None:
         # train() has finished the trackers; a later train() reattaches to the same runs.

@@ -211,3 +211,18 @@ def test_wandb_hook_without_wandb_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"^WandbHook needs wandb: pip install 'acceltrain\[wandb\]'$"):
         WandbHook(project="x")
+
+
+def test_trackers_start_before_step_1_so_its_timing_leaves_them_out(tmp_path):
+    seen = []
+
+    class Probe(BaseHook):  # placed before the LoggingHook: sees the trackers as step 1 begins
+        def on_before_step(self, trainer):
+            if trainer.step in (0, 2):
+                seen.append((trainer.step, [t.name for t in trainer.accelerator.trackers]))
+
+    ToyTrainer(max_steps=2, workspace=tmp_path, device="cpu",
+               hooks=[Probe(), LoggingHook(interval=1), CheckpointingHook(interval=2, load=None)]).train()
+    ToyTrainer(max_steps=3, workspace=tmp_path, device="cpu",  # resumed: started once the checkpoint is in
+               hooks=[Probe(), LoggingHook(interval=1), CheckpointingHook(interval=2, load="latest")]).train()
+    assert seen == [(0, ["tensorboard"]), (2, ["tensorboard"])]
