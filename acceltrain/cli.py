@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import UserError, exit_on_user_error, load_yaml
+from .plot import add_plot_parser
 from .slurm import add_slurm_parser
 from .sweep import add_sweep_parser
 
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     # These set `handler`: main() calls it with the parsed arguments.
     add_slurm_parser(sub)
     add_sweep_parser(sub)
+    add_plot_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError, UserError
+from .console import configure_output, quiet_progress_bars
 from .evaluation import EvaluationHook
 from .hooks import CheckpointingHook, LoggingHook, ProgressHook
 from .hooks.base import BaseHook
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
-    "TrainingConfig", "LoraFields", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
+    "TrackingFields", "TrainingConfig", "LoraFields", "configure_output", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
     "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
     "generate_sample", "SampleHook", "RecipeTrainer",
 ]
@@ -141,7 +142,28 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 
 # ---------------------------------------------------------------------------- config fields
 @dataclass
-class TrainingConfig:
+class TrackingFields:
+    """Where a run reports and how much it prints; every recipe has these fields.
+
+    ``report_to`` takes HF Trainer's names: ``--report_to wandb mlflow`` (or ``wandb,mlflow``),
+    ``all`` (every installed tracker) or ``none``; the run's identity in each tracker is kept in
+    its checkpoints, so a resumed run continues the same tracker run.
+    """
+
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "Experiment trackers: tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive (several: "
+                "space- or comma-separated), all (every installed one) or none"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "The run's name in the trackers (default: the output_dir folder's name)"})
+    tracker_project: str = field(default="acceltrain", metadata={
+        "help": "The trackers' project (W&B project, MLflow experiment, Comet/ClearML project)"})
+    log_level: str = field(default="warning", metadata={
+        "help": "Python logging level: debug, info, warning, error or critical; debug also shows third-party "
+                "progress bars and import-time messages"})
+
+
+@dataclass
+class TrainingConfig(TrackingFields):
     """The fields every fine-tuning recipe shares: run folder, step loop, schedule, logs, checkpoints.
 
     A recipe's config subclasses it (and :class:`LoraFields`) and redefines a field to change its
@@ -234,16 +256,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, max_st
 
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio)
-
-
-def quiet_progress_bars() -> None:
-    """Turn off the per-file progress bars of ``datasets`` and ``transformers`` (reading a table,
-    loading or writing weights): in logs they are noise between the recipe's own lines."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
 
 
 def write_run_config(workspace: Path, cfg: Any) -> None:
@@ -465,7 +477,13 @@ class RecipeTrainer(BaseTrainer):
     """
 
     def __init__(self, cfg: Any, **trainer_kwargs: Any):
+        from .trackers import parse_report_to
+
         self.cfg = cfg
+        # Before the Accelerator exists (DeepSpeed may be imported with it) and before the
+        # output folder is touched: a bad level or a missing tracker stops here, exit 2.
+        configure_output(getattr(cfg, "log_level", "warning"))
+        self.report_to = parse_report_to(getattr(cfg, "report_to", ["tensorboard"]))
         problem = folder_problem(cfg.output_dir)
         if problem:
             raise UserError(f"--output_dir {cfg.output_dir}: {problem}")
@@ -487,7 +505,26 @@ class RecipeTrainer(BaseTrainer):
         ``CheckpointingHook`` arguments), all at the config's intervals."""
         cfg = self.cfg
         self.eval_hook = EvaluationHook(interval=cfg.eval_interval)
-        return [*(first or []), ProgressHook(interval=cfg.log_interval), LoggingHook(interval=cfg.log_interval),
-                self.eval_hook, *(extra or []),
+        from .config import config_to_dict
+
+        log_hook = LoggingHook(interval=cfg.log_interval, report_to=self.report_to,
+                               project=getattr(cfg, "tracker_project", "acceltrain"),
+                               run_name=getattr(cfg, "run_name", None), config=config_to_dict(cfg))
+        return [*(first or []), ProgressHook(interval=cfg.log_interval), log_hook, self.eval_hook, *(extra or []),
                 CheckpointingHook(interval=cfg.save_interval, keep_previous=cfg.keep_checkpoints,
                                   load="latest" if self.resume else None, requeue=True, **checkpointing)]
+
+    def save_pretrained(self, directory: str | Path, *, model_card: str | None = None, **kwargs: Any) -> Path:
+        """Export as :meth:`BaseTrainer.save_pretrained` does; a model card gains the run's
+        training curves (``directory/curves.png``, drawn when matplotlib is installed) and a table
+        of its final metrics, both from ``metrics.jsonl``. Every rank must call it."""
+        from .plot import curves_section, matplotlib_available, save_curves
+
+        directory = Path(directory)
+        has_metrics = self.workspace is not None and (self.workspace / "metrics.jsonl").is_file()
+        if model_card is not None and has_metrics and self.is_main_process:
+            draw = matplotlib_available()
+            if draw:
+                save_curves([self.workspace], directory / "curves.png", labels=[self.workspace.resolve().name])
+            model_card = model_card + curves_section(self.workspace, "curves.png" if draw else None)
+        return super().save_pretrained(directory, model_card=model_card, **kwargs)

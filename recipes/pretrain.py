@@ -38,6 +38,7 @@ from acceltrain.data import (
 from acceltrain.models import PRESETS, ModelConfig, build_model, device_peak_flops, flops_per_token, preset
 from acceltrain.recipe_kit import (
     RecipeTrainer,
+    TrackingFields,
     cache_root,
     choose_precision,
     model_card,
@@ -48,7 +49,7 @@ _MIN_BPE_VOCAB = 256 + 2  # a byte-level BPE: every byte value, then EOS and pad
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrackingFields):
     """Pretrain a Transformer language model from scratch."""
 
     output_dir: str = field(default="runs/pretrain", metadata={"help": "Run folder: checkpoints, logs, final/"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -153,45 +154,91 @@ class FigureSums:
 
 class LoggingHook(BaseHook):
     """Every ``interval`` steps: average the step figures, reduce them across ranks, call
-    ``trainer.log(records)``.
+    ``trainer.log(records)``; send what is logged to experiment trackers and ``metrics.jsonl``.
 
     The sums and counts of the interval are kept as device tensors, so the hook adds no device
-    sync on a step that does not log (the trainer's one per-step sync is its non-finite check). ``sync=True`` reduces them across ranks with one all-reduce of sums
-    (gloo has no AVG). On its own ``on_log`` it forwards the records to Accelerate's trackers
-    (TensorBoard under ``workspace/tensorboard`` unless ``tensorboard=False``) and appends a
-    line to ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.
+    sync on a step that does not log (the trainer's one per-step sync is its non-finite check).
+    ``sync=True`` reduces them across ranks with one all-reduce of sums (gloo has no AVG). On its
+    own ``on_log`` it forwards the records to Accelerate's trackers and appends a line to
+    ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.
+
+    The trackers start on the main process before the first step, once a checkpoint (if any) is
+    loaded: each tracker's run identity (W&B id, MLflow run id, TensorBoard folder) is part of
+    this hook's checkpointed state, so a resumed run reattaches to the same tracker run. Steps
+    that were logged after the last checkpoint, before a crash, are replayed after the resume
+    but not logged again, by any sink: the first write of a step is kept (on the CPU the replay
+    is bit-identical to it).
 
     Args:
         interval: Log every this many steps (and at the last step).
         sync: Reduce across ranks (every rank must run this hook).
-        tensorboard: Add Accelerate's TensorBoard tracker when the trainer has a workspace.
+        tensorboard: With ``report_to`` unset: report to TensorBoard (under ``workspace/tensorboard``).
         jsonl: Append records to ``workspace/metrics.jsonl``.
+        report_to: Tracker names (see :func:`acceltrain.trackers.parse_report_to`), e.g.
+            ``["tensorboard", "wandb"]``; ``"none"`` for none.
+        project: The tracker project (W&B project, MLflow experiment).
+        run_name: The run's display name; default: the workspace folder's name.
+        config: Hyperparameters stored with a new tracker run.
 
     Example:
-        >>> LoggingHook(interval=50)
+        >>> LoggingHook(interval=50, report_to=["tensorboard", "wandb"], project="my-project")
     """
 
-    def __init__(self, interval: int = 100, sync: bool = True, tensorboard: bool = True, jsonl: bool = True):
+    def __init__(self, interval: int = 100, sync: bool = True, tensorboard: bool = True, jsonl: bool = True, *,
+                 report_to: str | list[str] | None = None, project: str = "acceltrain", run_name: str | None = None,
+                 config: dict[str, Any] | None = None):
         if interval < 1:
             raise ValueError(f"LoggingHook interval must be >= 1, got {interval}")
+        from ..trackers import parse_report_to
+
         self.interval = interval
         self.sync = sync
-        self.tensorboard = tensorboard
         self.jsonl = jsonl
+        self.report_to = (["tensorboard"] if tensorboard else []) if report_to is None else parse_report_to(report_to)
+        self.tensorboard = "tensorboard" in self.report_to
+        self.project = project
+        self.run_name = run_name
+        self.config = config
         self._figures = FigureSums()
         self._jsonl_path = None
+        self._trackers: list[Any] = []
+        self._identities: dict[str, dict[str, Any]] = {}  # of the running trackers
+        self._resume_identities: dict[str, dict[str, Any]] = {}  # from the checkpoint
+        self._started = False
+        self._replay_through = -1  # steps up to this one were logged before a restart (-1: none)
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
-        acc = trainer.accelerator
-        if trainer.workspace is not None and acc.is_main_process:
-            if self.jsonl:
-                self._jsonl_path = trainer.workspace / "metrics.jsonl"
-            if self.tensorboard and not any(t.name == "tensorboard" for t in acc.trackers):
-                from accelerate.tracking import TensorBoardTracker
+        if trainer.workspace is not None and trainer.accelerator.is_main_process and self.jsonl:
+            self._jsonl_path = trainer.workspace / "metrics.jsonl"
+        from .checkpointing import CheckpointingHook
 
-                tracker = TensorBoardTracker("tensorboard", trainer.workspace)
-                tracker.start()
-                acc.trackers.append(tracker)
+        # A checkpoint a CheckpointingHook loads (after this, in its own on_before_train) holds
+        # the runs to reattach to: then start in on_load_state_dict, else now. Both come before
+        # step 1, whose timing (tokens/s, MFU) a W&B start of seconds would distort.
+        if not any(isinstance(h, CheckpointingHook) and h.load is not None for h in trainer.hooks):
+            self.start_trackers(trainer)
+
+    def on_before_step(self, trainer: BaseTrainer) -> None:
+        if not self._started:  # a CheckpointingHook that was to load found no checkpoint
+            self.start_trackers(trainer)
+
+    def start_trackers(self, trainer: BaseTrainer) -> None:
+        """Start (or reattach) this hook's trackers on the main process; once per ``train()``."""
+        if self._started:
+            return
+        self._started = True
+        acc = trainer.accelerator
+        attached = {t.name for t in acc.trackers}
+        names = [n for n in self.report_to if n not in attached]  # a tracker the user attached wins
+        if not acc.is_main_process or not names:
+            return
+        from ..trackers import start_trackers
+
+        run_name = self.run_name or (trainer.workspace.resolve().name if trainer.workspace is not None else None)
+        self._trackers, self._identities = start_trackers(
+            names, workspace=trainer.workspace, project=self.project, run_name=run_name,
+            resume=self._resume_identities, config=self.config)
+        acc.trackers.extend(self._trackers)
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
@@ -216,8 +263,9 @@ class LoggingHook(BaseHook):
         return self._figures.means(trainer.device, sync=self.sync and trainer.accelerator.num_processes > 1)
 
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
-        if dry_run or not records:
+        if dry_run or not records or trainer.step <= self._replay_through:
             return
+        self.start_trackers(trainer)  # records before on_before_train (a no-op once started)
         flat = {k: to_float(v) for k, v in flatten_dict(records).items() if _numeric(v)}
         trainer.accelerator.log(flat, step=trainer.step)
         if self._jsonl_path is not None:
@@ -225,9 +273,49 @@ class LoggingHook(BaseHook):
             with open(self._jsonl_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
 
+    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+        if dry_run or trainer.step <= self._replay_through:
+            return
+        wandb = [t for t in self._trackers if t.name == "wandb"]
+        if wandb:
+            from .images import to_pil
+
+            images = {k: [to_pil(i) for i in (v if isinstance(v, (list, tuple)) else [v])] for k, v in records.items()}
+            wandb[0].log_images(images, step=trainer.step)
+
+    def on_load_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
+        if trainer.workspace is not None and self.jsonl and trainer.accelerator.is_main_process:
+            logged = _last_logged_step(trainer.workspace / "metrics.jsonl")
+            if logged > trainer.step:
+                self._replay_through = logged
+                trainer.logger.info("steps %d-%d were logged before the restart: their replay is not logged again",
+                                    trainer.step + 1, logged)
+        self.start_trackers(trainer)
+
+    def on_teardown(self, trainer: BaseTrainer) -> None:
+        # train() has finished the trackers; a later train() reattaches to the same runs.
+        acc = trainer.accelerator
+        acc.trackers = [t for t in acc.trackers if all(t is not mine for mine in self._trackers)]
+        self._resume_identities = self._identities or self._resume_identities
+        self._trackers, self._identities, self._started = [], {}, False
+
     def state_dict(self) -> dict[str, Any]:
-        # The interval's partial sums, so a resumed run logs the same averages.
-        return self._figures.state_dict()
+        # The interval's partial sums, so a resumed run logs the same averages, and the tracker
+        # runs' identities (main process), so it logs to the same runs.
+        return {**self._figures.state_dict(), "trackers": self._identities or self._resume_identities}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._figures.load_state_dict(state)
+        self._resume_identities = {k: dict(v) for k, v in (state.get("trackers") or {}).items()}
+
+
+def _last_logged_step(path: Path) -> int:
+    """The highest step in a ``metrics.jsonl`` (0 if none); a line torn by a kill is cut off,
+    so the next append starts on a line of its own."""
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    return max((int(json.loads(line)["step"]) for line in text.splitlines() if line.strip()), default=0)
