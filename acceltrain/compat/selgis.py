@@ -41,7 +41,7 @@ from ..lr_finder import LRFinder, find_lr
 from ..one_call import Trainer as _OneCallTrainer
 from ..one_call import _logits_of, _loss_of
 from ..schedules import build_schedule
-from ..utils import dedupe_tensors, format_params, seed_everything
+from ..utils import dedupe_tensors, seed_everything
 from .selgis_config import SCHEDULER_NAMES, SelgisConfig, TransformerConfig, load_selgis_config
 from .selgis_parts import (
     Callback,
@@ -52,6 +52,7 @@ from .selgis_parts import (
     SparsityCallback,
     WandBCallback,
     count_parameters,
+    format_params,
     get_device,
     get_optimizer_grouped_params,
     get_transformer_scheduler,
@@ -96,8 +97,8 @@ class SelgisCore:
     implementation here and raise, saying so.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
-        if not isinstance(trainer, _OneCallTrainer):
+    def __init__(self, trainer: Trainer, *documented: Any) -> None:
+        if documented or not isinstance(trainer, _OneCallTrainer):
             raise TypeError("SelgisCore(model, optimizer, ...): acceltrain runs the protection inside "
                             "Trainer.train() (GuardHook, EarlyStoppingHook); build a Trainer and read trainer.selgis")
         self.trainer = trainer
@@ -176,7 +177,7 @@ class Trainer(_OneCallTrainer):
         self._user_optimizer = optimizer is not None
         callbacks = [LoggingCallback(log_every=cfg.logging_steps)] if callbacks is None else list(callbacks)
         if cfg.sparsity_enabled and not any(isinstance(c, SparsityHook) for c in callbacks):
-            callbacks.append(SparsityCallback(cfg.sparsity_target, start_epoch=cfg.sparsity_start_epoch,
+            callbacks.insert(0, SparsityCallback(cfg.sparsity_target, start_epoch=cfg.sparsity_start_epoch,
                                               frequency=cfg.sparsity_frequency))
         scheduler = SCHEDULER_NAMES[cfg.scheduler_type]
         lr = float(getattr(cfg, "learning_rate", 1e-3))
@@ -286,6 +287,20 @@ class Trainer(_OneCallTrainer):
         if not self.model.training and _classification(preds, labels):  # evaluation only: no cost in training
             records["accuracy"] = (preds.argmax(-1) == labels).float().mean()
         return loss, records
+
+    # ------------------------------------------------------------------ SELGIS's attribute names
+    @property
+    def callbacks(self) -> list[BaseHook]:
+        """The callbacks given (or the default ``[LoggingCallback()]``), as hooks of this trainer."""
+        return self._callbacks
+
+    @property
+    def train_dataloader(self) -> Iterable:
+        return self._train_loader
+
+    @property
+    def eval_dataloader(self) -> Any:
+        return self._eval_loader
 
     # ------------------------------------------------------------------ public API
     def train(self) -> dict[str, Any]:  # type: ignore[override]

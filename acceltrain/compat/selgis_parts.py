@@ -7,7 +7,7 @@ when training starts), so it checkpoints, resumes and agrees across ranks as the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Callback", "CheckpointCallback", "EarlyStoppingCallback", "LoggingCallback", "SparsityCallback",
-    "WandBCallback", "SmartScheduler", "get_transformer_scheduler", "get_device", "count_parameters",
+    "WandBCallback", "SmartScheduler", "get_transformer_scheduler", "get_device", "count_parameters", "format_params",
     "move_to_device", "unpack_batch", "get_optimizer_grouped_params", "is_dict_like", "to_dict",
     "steps_per_epoch",
 ]
@@ -260,6 +260,14 @@ def get_device(preference: str = "auto") -> torch.device:
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
     """Parameters of ``model`` (SELGIS's default counts trainable ones only)."""
     return _count_parameters(model, trainable_only=trainable_only)
+
+
+def format_params(num: int | float) -> str:
+    """SELGIS's short form: ``"1.2M"``, ``"3.4B"``, ``"12.3K"``, ``"999"``."""
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(num) >= size:
+            return f"{num / size:.1f}{unit}"
+    return str(int(num))
 
 
 def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:

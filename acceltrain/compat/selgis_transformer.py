@@ -32,7 +32,7 @@ def load_transformer(name_or_path: str, config: TransformerConfig) -> torch.nn.M
     kwargs: dict[str, Any] = {}
     if auto is transformers.AutoModelForSequenceClassification:
         kwargs = {"num_labels": 1 if config.problem_type == "regression" else config.num_labels,
-                  "problem_type": config.problem_type}
+                  "problem_type": config.problem_type, "ignore_mismatched_sizes": True}  # a new head
     try:
         return auto.from_pretrained(name_or_path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as e:
