@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acceltrain.export_formats import ExportError, LogitsOnly, example_inputs, export_onnx, export_program, export_torchscript
+from acceltrain.export_formats import (
+    ExportError,
+    LogitsOnly,
+    example_inputs,
+    export_onnx,
+    export_program,
+    export_torchscript,
+)
 
 pytest.importorskip("onnxruntime")
 
