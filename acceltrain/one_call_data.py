@@ -57,6 +57,9 @@ def train_on_text(model: torch.nn.Module, *, dataset: Any = None, dataset_path: 
                   callbacks: list | None = None, **config: Any) -> dict[str, Any]:
     """Train a causal LM on text; returns ``{"best_model_path", "final_metrics", "trainer", "model", "tokenizer"}``.
 
+    Writes ``output_dir/checkpoints`` (``checkpoint_best`` by ``eval/loss``), ``output_dir/final``
+    (a Hugging Face folder with the tokenizer), ``output_dir/tokenizer``, logs and the packed data.
+
     Args:
         model: A causal LM taking ``input_ids`` and ``labels`` (a ``transformers`` model).
         dataset: A local file or folder, a Hub dataset name (with ``config_name``), a
@@ -135,6 +138,7 @@ def train_on_text(model: torch.nn.Module, *, dataset: Any = None, dataset_path: 
     trainer.tokenizer = tok  # save_pretrained writes it beside the weights
     trainer.train()
     tok.save_pretrained(out / "tokenizer")
+    trainer.save_pretrained(out / "final")  # a Hugging Face folder: weights (best, with early stopping), config, tokenizer
     root = out / "checkpoints"
     best = root / "checkpoint_best"
     latest = root / "checkpoint_latest"

@@ -102,6 +102,13 @@ def tokenizer_for(strategy: str, *, vocab_size: int, texts: Sequence[str], cache
     if strategy == "auto":
         strategy = detect_strategy(vocab_size, sum(len(t) for t in texts))
         logger.info("tokenizer strategy for vocab_size %d: %s", vocab_size, strategy)
+        if strategy == "pretrained":  # the tiers fall through: pretrained, then BPE, then characters
+            try:
+                return tokenizer_for("pretrained", vocab_size=vocab_size, texts=texts, cache_dir=cache_dir, name=name)
+            except DataError as e:
+                strategy = "bpe" if _BPE_RANGE[0] <= vocab_size <= _BPE_RANGE[1] and \
+                    sum(len(t) for t in texts) >= 10 * vocab_size else "character"
+                logger.warning("tokenizer: %s; using the %s strategy instead", e, strategy)
     if strategy == "pretrained":
         from .tokenizer import load_tokenizer
 
