@@ -62,7 +62,7 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if drive_backup and not drive_backup_path:
             raise ValueError("drive_backup_path: needed with drive_backup=True")
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = Path(checkpoint_dir).resolve()  # paths come back absolute, as best_model_path
         self.save_top_k, self.mode = save_top_k, mode
         self.monitor = METRIC_ALIASES.get(monitor, monitor)
         self.drive_backup, self.drive_backup_path = drive_backup, drive_backup_path

@@ -122,6 +122,12 @@ class Trainer(BaseTrainer):
             self.steps_per_epoch = max(1, math.ceil(batches / self.gradient_accumulation_steps))
             self.max_steps = max(1, math.ceil(cfg.epochs * batches / self.gradient_accumulation_steps))
             self.logger.info("epochs %g -> max_steps %d (%d per epoch)", cfg.epochs, self.max_steps, self.steps_per_epoch)
+        if cfg.warmup_ratio and math.ceil(cfg.warmup_ratio * self.max_steps) >= self.max_steps > 1:
+            # A ratio rounds up (as transformers does): on a run of a few steps it would swallow them all.
+            cfg.warmup_steps, cfg.warmup_ratio = self.max_steps - 1, 0.0
+            self.logger.info("warmup_ratio covers all %d steps: warmup_steps %d", self.max_steps, cfg.warmup_steps)
+        elif cfg.warmup_ratio and self.max_steps <= 1:
+            cfg.warmup_ratio = 0.0
         # Check the schedule now, so a bad name or argument fails here and not after building.
         build_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg.scheduler,
                        max(1, self.max_steps), warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio,

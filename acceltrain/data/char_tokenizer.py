@@ -1,8 +1,9 @@
 """A character-level tokenizer for any vocabulary size, saved as a standard Hugging Face tokenizer.
 
-One token per Unicode character. The vocabulary is the special tokens, then either the
-characters of a corpus by frequency (``texts=...``) or, with no corpus, the code points in
-order from U+0000 (surrogates skipped), up to ``vocab_size``; any other character is ``<unk>``.
+One token per Unicode character. The vocabulary is the special tokens, then the characters
+of a corpus by frequency (``texts=...``, optional), then the code points in
+order from U+0000 (surrogates skipped) filling the rest, up to ``vocab_size``; any other
+character is ``<unk>``.
 It is built with the ``tokenizers`` library (a ``WordLevel`` model over single characters, a
 ``Fuse`` decoder), so ``save_pretrained`` writes a ``tokenizer.json`` folder that
 ``transformers.AutoTokenizer.from_pretrained`` loads with no acceltrain installed.
@@ -36,8 +37,8 @@ class CharacterLevelTokenizer:
         special_tokens: The special tokens, first in the vocabulary. The names ``<pad>``,
             ``<unk>``, ``<s>``, ``</s>`` become the pad, unknown, BOS and EOS tokens; ``<unk>``
             is added if missing.
-        texts: Optional corpus: keep its most frequent characters (ties in order of first
-            appearance) instead of the first code points.
+        texts: Optional corpus: its characters come first, most frequent first (ties in order of
+            first appearance), then code points from U+0000 fill the vocabulary.
 
     Attributes:
         hf: The ``transformers.PreTrainedTokenizerFast`` doing the work.
@@ -51,16 +52,20 @@ class CharacterLevelTokenizer:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(specials):
             raise ValueError(f"vocab_size must be an int > {len(specials)} (the special tokens), got {vocab_size!r}")
         room = vocab_size - len(specials)
-        if texts is not None:
+        chars: list[str] = []
+        taken = set(specials)
+        if texts is not None:  # the corpus's characters first, most frequent first
             counts = collections.Counter(c for text in texts for c in text)
-            chars = [c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1]) if c not in specials][:room]
-        else:
-            chars, taken = [], set(specials)
-            code = 0
-            while len(chars) < room and code <= 0x10FFFF:
-                if code not in _SURROGATES and chr(code) not in taken:
-                    chars.append(chr(code))
-                code += 1
+            for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:room]:
+                if c not in taken:
+                    chars.append(c)
+                    taken.add(c)
+        code = 0  # then code points in order, so any text of the common scripts still encodes
+        while len(chars) < room and code <= 0x10FFFF:
+            if code not in _SURROGATES and chr(code) not in taken:
+                chars.append(chr(code))
+                taken.add(chr(code))
+            code += 1
         self.hf = _build(specials, chars)
         self.special_tokens = specials
 

@@ -55,7 +55,8 @@ class DatasetLoader:
     def load_huggingface(self, dataset_name: str, config_name: str | None = None, split: str = "train",
                          text_column: str = "text") -> Any:
         """A Hub dataset's ``text_column`` (network needed), cleaned."""
-        texts = load_texts(dataset_name, text_column=text_column, config_name=config_name, split=split)
+        texts = load_texts(dataset_name, text_column=text_column, config_name=config_name, split=split,
+                           txt_mode=self.txt_mode)  # type: ignore[arg-type]
         return self._dataset(texts, dataset_name)
 
     def load_local_file(self, file_path: str | Path, file_format: str | None = None, text_column: str = "text") -> Any:
