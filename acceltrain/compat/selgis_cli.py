@@ -83,6 +83,11 @@ def run_selgis_train(config: str, overrides: list[str]) -> int:
 
     from .selgis import Trainer
 
+    if "-h" in overrides or "--help" in overrides:
+        print(f"usage: acceltrain train --config {config} [--FIELD VALUE ...]  (SELGIS config fields)")
+        for f in dataclasses.fields(SelgisConfig):
+            print(f"  --{f.name:<26} {f.metadata.get('help', '')} (default: {f.default!r})")
+        return 0
     cfg = _overrides(load_selgis_config(config), overrides)
     if isinstance(cfg, TransformerConfig):
         raise ConfigError(f"{config}: TransformerConfig fields need a model: the CLI demo trains a small MLP; "

@@ -137,6 +137,18 @@ def test_cli_train_with_a_selgis_yaml(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "run/checkpoints/checkpoint_step_16/manifest.json").is_file()
 
 
+def test_cli_train_selgis_help_and_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "selgis.yaml").write_text("max_epochs: 3\nbatch_size: 128\nlr_finder_enabled: false\ndevice: cpu\n")
+    assert main(["train", "--config", "selgis.yaml", "--help"]) == 0
+    assert "--spike_threshold" in capsys.readouterr().out
+    assert main(["train", "--config", "selgis.yaml", "--max_epochs", "1", "--output_dir", "o"]) == 0
+    assert "Step 4/4" in capsys.readouterr().out and (tmp_path / "o/model.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(["train", "--config", "selgis.yaml", "--max_epoch", "1"])
+    assert capsys.readouterr().err == "error: --max_epoch: not a SelgisConfig field\n"
+
+
 @pytest.mark.parametrize("text, message", [
     ("max_epochs: 2\nspike_treshold: 3\n", "selgis.yaml: unknown key 'spike_treshold' (did you mean 'spike_threshold'?)"),
     ("max_epochs: 2\nfp16: true\nbf16: true\n", "selgis.yaml: fp16 and bf16: at most one can be True"),
