@@ -364,6 +364,31 @@ def test_setup_wizard_and_the_preset_workflows(wikitext, monkeypatch, capsys):
     assert results["trainer"].config.learning_rate == 5e-4 and results["trainer"].config.warmup_ratio == 0.05
 
 
+# ---------------------------------------------------------------------- Testing
+def test_test_tiers(capsys):
+    from acceltrain.compat.transformer_builder import run_all_tests, run_all_tier1_tests, run_all_tier2_tests
+
+    model, config = _gpt2(96), {"vocab_size": 96, "max_seq_len": 16}
+    tier1 = run_all_tier1_tests(model, config)
+    assert list(tier1) == ["shape_robustness", "gradient_flow", "output_stability", "parameter_initialization",
+                           "memory_footprint", "inference_speed"] and all(r["passed"] for r in tier1.values())
+    assert tier1["shape_robustness"]["output_shapes"] == {"1x2": (1, 2, 96), "2x8": (2, 8, 96), "3x16": (3, 16, 96)}
+    assert tier1["memory_footprint"]["parameter_mib"] == pytest.approx(
+        sum(p.numel() * 4 for p in model.parameters()) / 2**20)
+    tier2 = run_all_tier2_tests(model, config)
+    assert tier2["feature_attribution"]["passed"] and len(tier2["feature_attribution"]["attribution_per_position"]) == 16
+    assert tier2["input_perturbation"]["relative_output_change"] > 0
+    assert tier2["attention_patterns"]["passed"] and tier2["attention_patterns"]["layers"] == 1
+    everything = run_all_tests(model, config)
+    assert everything["tier3"] == {"passed": False, "reason": "not provided: train with acceltrain.train_model / "
+                                                              "acceltrain sweep"}
+    assert "PASS gradient_flow" in capsys.readouterr().out
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # a broken model fails the checks
+    broken = run_all_tier1_tests(model, config)
+    assert not broken["parameter_initialization"]["passed"] and not broken["output_stability"]["passed"]
+
+
 # ---------------------------------------------------------------------- errors and tips
 def test_error_handling_as_documented(wikitext):
     model = _gpt2(96)
