@@ -172,6 +172,11 @@ def test_adaptive_tokenizer_datamodule(tmp_path):
     assert len(datamodule.train_set) + len(datamodule.val_set) == n_chars // 512 and len(datamodule.val_set) == 1
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["input_ids"].shape == (len(datamodule.train_set), 512) and torch.equal(batch["labels"], batch["input_ids"])
+    # `trainer.fit(model, datamodule)` is Lightning's; acceltrain's coordinator takes the data module instead
+    results = TrainingCoordinator(output_dir=str(tmp_path / "dm_run")).train(model=_gpt2(512), datamodule=datamodule,
+                                                                              max_epochs=2)
+    assert results["trainer"].step == 2 and set(results["final_metrics"]) == {"loss"}
+    assert Path(results["best_model_path"]).parent == (tmp_path / "dm_run/checkpoints").resolve()
 
 
 # ---------------------------------------------------------------------- Training
