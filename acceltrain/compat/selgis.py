@@ -192,6 +192,10 @@ class Trainer(_OneCallTrainer):
         }
         if scheduler == "cosine_restarts":
             tc["scheduler_kwargs"] = {"t_0": cfg.t_0, "t_mult": cfg.t_mult}
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda', but no CUDA GPU is available here (use 'auto' or 'cpu')")
+        if cfg.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("device: 'mps', but MPS is not available here (use 'auto' or 'cpu')")
         kwargs.setdefault("device", None if cfg.device == "auto" else cfg.device)
         super().__init__(model, train_dataloader=train_dataloader, config=tc, eval_dataloader=eval_dataloader,
                          criterion=criterion, optimizer=optimizer, callbacks=callbacks, forward_fn=forward_fn,

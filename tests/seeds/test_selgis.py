@@ -411,6 +411,9 @@ def test_fp16_bf16_and_device(tmp_path):
         _cfg(tmp_path, fp16=True, bf16=True)
     _reset_accelerate()
     assert Trainer(_mlp(), _cfg(tmp_path), _loader()).device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="^device: 'cuda', but no CUDA GPU is available here"):
+            Trainer(_mlp(), _cfg(tmp_path, device="cuda"), _loader())
     with pytest.raises(ConfigError, match="device must be one of auto, cuda, cpu, mps, got 'tpu'"):
         _cfg(tmp_path, device="tpu")
 
