@@ -94,6 +94,10 @@ def run_train(config: str | None, overrides: list[str]) -> int:
     With no ``--config`` it runs the pretraining demo. ``--help`` lists the fields of the recipe
     the config names (every field is also a flag).
     """
+    from .compat.selgis_cli import is_selgis_config, run_selgis_train
+
+    if config and is_selgis_config(config):  # a SELGIS config file: SELGIS's `selgis train --config`
+        return run_selgis_train(config, overrides)
     script = recipe_script(config)
     argv = (["--config", config] if config else []) + overrides
     if "-h" in overrides or "--help" in overrides:
@@ -249,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"acceltrain {__version__}")
     sub = parser.add_subparsers(dest="command")  # subparsers are _OneLineParser too (argparse's default)
     sub.add_parser("env", help="versions, devices and Accelerate's view of the launch environment")
+    sub.add_parser("version", help="print the version (as --version)")
+    sub.add_parser("device", help="the compute device (CUDA/MPS/CPU) and GPU details")
     # No -h of its own: `acceltrain train [--config FILE] --help` prints the recipe's fields.
     train = sub.add_parser("train", add_help=False,
                            help="run the recipe a YAML config names (no config: the pretraining demo); "
@@ -294,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "env":
         print(env_report())
+        return 0
+    if args.command == "version":
+        print(f"acceltrain {__version__}")
+        return 0
+    if args.command == "device":
+        from .compat.selgis_cli import device_report
+
+        print(device_report())
         return 0
     if args.command == "train":
         return run_train(args.config, rest)

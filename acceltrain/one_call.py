@@ -107,6 +107,8 @@ class Trainer(BaseTrainer):
         cfg = make_config(config, **{k: v for k, v in kwargs.items() if is_config_key(k)})
         if cfg.early_stopping_patience is not None and eval_dataloader is None:
             raise ValueError("early_stopping_patience: needs an eval_dataloader to watch eval/loss")
+        if cfg.keep_best is not None and (eval_dataloader is None or cfg.output_dir is None):
+            raise ValueError("keep_best: needs an eval_dataloader (it ranks by eval/loss) and an output_dir")
         if cfg.seed is not None:
             seed_everything(cfg.seed)
         rest = {k: v for k, v in kwargs.items() if not is_config_key(k)}
@@ -119,6 +121,13 @@ class Trainer(BaseTrainer):
             batches = _batches_per_epoch(train_dataloader, self.accelerator.num_processes)
             self.steps_per_epoch = max(1, math.ceil(batches / self.gradient_accumulation_steps))
             self.max_steps = max(1, math.ceil(cfg.epochs * batches / self.gradient_accumulation_steps))
+            self.logger.info("epochs %g -> max_steps %d (%d per epoch)", cfg.epochs, self.max_steps, self.steps_per_epoch)
+        if cfg.warmup_ratio and math.ceil(cfg.warmup_ratio * self.max_steps) >= self.max_steps > 1:
+            # A ratio rounds up (as transformers does): on a run of a few steps it would swallow them all.
+            cfg.warmup_steps, cfg.warmup_ratio = self.max_steps - 1, 0.0
+            self.logger.info("warmup_ratio covers all %d steps: warmup_steps %d", self.max_steps, cfg.warmup_steps)
+        elif cfg.warmup_ratio and self.max_steps <= 1:
+            cfg.warmup_ratio = 0.0
         # Check the schedule now, so a bad name or argument fails here and not after building.
         build_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), cfg.scheduler,
                        max(1, self.max_steps), warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio,
@@ -167,8 +176,10 @@ class Trainer(BaseTrainer):
             hooks.append(EvaluationHook(interval=cfg.eval_interval or self.steps_per_epoch or max(1, self.max_steps)))
         hooks += self._callbacks
         if self.workspace is not None:
+            best = {"keep_best": cfg.keep_best, "metric": "eval/loss"} if cfg.keep_best else {}
             hooks.append(CheckpointingHook(interval=cfg.save_interval or max(1, self.max_steps),
-                                           keep_previous=cfg.keep_checkpoints))
+                                           keep_previous=cfg.keep_checkpoints,
+                                           load=cfg.resume_from_checkpoint or "latest", **best))
         if cfg.early_stopping_patience is not None:
             hooks.append(EarlyStoppingHook(cfg.early_stopping_patience, min_delta=cfg.early_stopping_min_delta))
         return hooks
@@ -287,13 +298,32 @@ def _batches_per_epoch(loader: Iterable, world: int) -> int:
     return math.ceil(len(loader) / world)
 
 
-def train_model(model: torch.nn.Module, train_dataloader: Iterable, **kwargs: Any) -> Trainer:
-    """Build a :class:`Trainer`, train it, return it (``trainer.model`` is trained).
+def train_model(model: torch.nn.Module, train_dataloader: Iterable | None = None, **kwargs: Any) -> Any:
+    """Train ``model`` in one call.
+
+    Two forms:
+
+    - ``train_model(model, loader, **config)``: build a :class:`Trainer` on the loader, train it,
+      return it (``trainer.model`` is trained).
+    - ``train_model(model=..., dataset=... | dataset_path=..., vocab_size=..., max_epochs=...)``:
+      a causal LM on text. The loaders are built here (see
+      :func:`acceltrain.one_call_data.train_on_text` for every argument: tokenizer strategy,
+      ``batch_size``, ``val_split``, ``max_length``, ``save_top_k``, ``resume_from_checkpoint``,
+      ``use_gpu``, ...) and the result is Transformer Builder's dict: ``best_model_path``,
+      ``final_metrics``, ``trainer``, ``model``, ``tokenizer``.
 
     Example:
         >>> trainer = train_model(model, loader, criterion=nn.MSELoss(), max_epochs=3, learning_rate=1e-3)
-        >>> trainer.step
+        >>> results = train_model(model=gpt2, dataset="notes.txt", vocab_size=512, max_epochs=1, batch_size=8)
+        >>> results["best_model_path"]
     """
+    if train_dataloader is None:
+        if "dataset" not in kwargs and "dataset_path" not in kwargs:
+            raise ValueError("train_model: give a train_dataloader, or dataset= (a file, folder, Hub name or "
+                             "Dataset) / dataset_path=")
+        from .one_call_data import train_on_text
+
+        return train_on_text(model, **kwargs)
     trainer = Trainer(model, train_dataloader=train_dataloader, **kwargs)
     trainer.train()
     return trainer

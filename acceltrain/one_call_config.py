@@ -37,6 +37,8 @@ class TrainerConfig:
     eval_interval: int | None = _f(None, "Updates between evaluations (default: every epoch with epochs, else at the end)")
     save_interval: int | None = _f(None, "Updates between checkpoints (default: only at the end)")
     keep_checkpoints: int = _f(2, "Newest checkpoints kept")
+    keep_best: int | None = _f(None, "Also keep the N checkpoints with the best eval/loss (checkpoint_best); needs eval data")
+    resume_from_checkpoint: str | None = _f(None, "Load this checkpoint folder first (default: the output_dir's latest)")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better eval/loss")
     early_stopping_min_delta: float = _f(0.0, "Improvement needed to reset the patience")
     seed: int | None = _f(None, "Seed Python, NumPy and torch, and the data order")
@@ -50,7 +52,7 @@ _ALIASES = {
     "grad_clip_norm": "max_grad_norm", "gradient_clip_val": "max_grad_norm", "scheduler_type": "scheduler",
     "lr_scheduler_type": "scheduler", "workspace": "output_dir", "logging_steps": "log_interval",
     "eval_steps": "eval_interval", "save_steps": "save_interval", "save_total_limit": "keep_checkpoints",
-    "patience": "early_stopping_patience", "min_delta": "early_stopping_min_delta",
+    "patience": "early_stopping_patience", "min_delta": "early_stopping_min_delta", "save_top_k": "keep_best",
 }
 _SCHEDULE_KEYS = ("t_0", "t_mult", "power", "decay_ratio", "decay_type")
 _SPECIAL = {"precision", "fp16", "bf16", "min_lr", *_SCHEDULE_KEYS}
