@@ -23,7 +23,7 @@ from .utils import flatten_dict, map_nested_tensor, to_float
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["EvalProgress", "EvaluationHook", "shard_eval_loader", "evaluate", "evaluate_resumable"]
+__all__ = ["EvalProgress", "EvaluationHook", "EvaluationInterrupted", "shard_eval_loader", "evaluate", "evaluate_resumable"]
 
 
 class _Padded(Dataset):
@@ -164,12 +164,27 @@ def evaluate_resumable(trainer: BaseTrainer, progress: EvalProgress | None = Non
     return metrics, EvalProgress(progress.step, done, sums, count)
 
 
+class EvaluationInterrupted(BaseException):
+    """Raised through ``trainer.evaluate()`` (and any override of it that calls ``super()``) when
+    a stop request ended an interruptible evaluation; ``EvaluationHook`` catches it. A
+    BaseException, so an ``except Exception`` in user code does not swallow it."""
+
+    def __init__(self, progress: EvalProgress):
+        super().__init__(f"evaluation interrupted after batch {progress.batches}")
+        self.progress = progress
+
+
 def evaluate(trainer: BaseTrainer) -> dict[str, float]:
     """Average ``trainer.evaluation_step`` over the evaluation set, weighted by samples.
 
-    Sums and sample counts are all-reduced, so every rank returns the same numbers.
+    Sums and sample counts are all-reduced, so every rank returns the same numbers. Called by
+    ``EvaluationHook``, it continues the hook's interrupted evaluation and may itself be
+    interrupted (:class:`EvaluationInterrupted`).
     """
-    metrics, _ = evaluate_resumable(trainer)
+    progress, interruptible = getattr(trainer, "_eval_context", None) or (None, False)
+    metrics, state = evaluate_resumable(trainer, progress, interruptible=interruptible)
+    if metrics is None:
+        raise EvaluationInterrupted(state)
     return metrics
 
 
@@ -206,8 +221,18 @@ class EvaluationHook(BaseHook):
             self.run(trainer)
 
     def run(self, trainer: BaseTrainer, progress: EvalProgress | None = None) -> dict[str, float] | None:
-        """Evaluate now (or continue ``progress``); returns the metrics, or None if interrupted."""
-        metrics, state = evaluate_resumable(trainer, progress, interruptible=self.interruptible)
+        """Evaluate now (or continue ``progress``); returns the metrics, or None if interrupted.
+
+        Through ``trainer.evaluate()``, so a recipe's override (adding perplexity, say) applies."""
+        # The trainer's evaluate() takes no arguments (recipes override it): the position to
+        # continue from travels beside it, for evaluation.evaluate() to pick up.
+        trainer._eval_context = (progress, self.interruptible)
+        try:
+            metrics = trainer.evaluate()
+        except EvaluationInterrupted as stop:
+            metrics, state = None, stop.progress
+        finally:
+            trainer._eval_context = None
         if metrics is None:
             self.pending = state
             # A checkpoint of this step may be written already (a hook before this one): it

@@ -122,3 +122,27 @@ def perplexity_of(model: torch.nn.Module, dataloader: Iterable[Any], device: tor
         raise UserError("perplexity: the data holds no predicted tokens")
     loss = total / tokens
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens, "batches": batches}
+
+
+def generation_samples(model: Any, tokenizer: Any, windows: Sequence[dict[str, torch.Tensor]], n: int,
+                       new_tokens: int) -> dict[str, Any]:
+    """Greedy continuations of ``n`` evenly spaced token windows, scored against the text that
+    follows in the data: the first half of a window is the prompt, its next ``new_tokens``
+    tokens the reference. Diversity, repetition, mean length and BLEU (None without sacrebleu)."""
+    from .generation import GenerationSettings, generate_texts
+
+    n = min(n, len(windows))
+    prompts, references = [], []
+    for i in range(n):
+        ids = windows[i * len(windows) // n]["input_ids"]
+        half = max(1, len(ids) // 2)
+        prompts.append(tokenizer.decode(ids[:half], skip_special_tokens=True) or tokenizer.decode(ids[:half]))
+        references.append(tokenizer.decode(ids[half:half + new_tokens], skip_special_tokens=True))
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0.0, seed=None)
+    generated = generate_texts(model, tokenizer, prompts, settings, new_text_only=True)
+    out: dict[str, Any] = {"samples": n, "new_tokens": new_tokens, **generation_quality(generated)}
+    try:
+        out["bleu"] = bleu_score(generated, references)
+    except UserError:
+        out["bleu"] = None  # sacrebleu is not installed (the `metrics` extra)
+    return out

@@ -174,7 +174,10 @@ class SLURMLauncher:
     def _slurm_values(self, experiment: ExperimentConfig) -> dict[str, Any]:
         """The experiment's slurm section as acceltrain SlurmConfig fields."""
         s = experiment.slurm
-        values: dict[str, Any] = {"job_name": re.sub(r"[^A-Za-z0-9._+-]", "-", experiment.experiment_name)}
+        # resume=False: no `--resume true` for the script (acceltrain's recipes' flag); a
+        # GenericTrainer resumes from its checkpoint_dir by itself.
+        values: dict[str, Any] = {"job_name": re.sub(r"[^A-Za-z0-9._+-]", "-", experiment.experiment_name),
+                                  "resume": False}
         if s is None:
             return values
         gpus = re.fullmatch(r"gpu(?::[A-Za-z0-9_-]+)?:(\d+)", str(s.gres)) if s.gres else None

@@ -556,6 +556,8 @@ def test_the_default_script_maps_the_slurm_section(tmp_path: Path, monkeypatch):
                  "--time=24:00:00", "--partition=gpu", "--exclusive"):
         assert f"#SBATCH {line}\n" in script
     assert "export ACCELTRAIN_RUN_DIR=out/base_learning_rate=0.1" in script
+    # The experiment's script gets its config only: `--resume true` is the recipes' flag.
+    assert script.rstrip().endswith('train.py --config "$ACCELTRAIN_RUN_DIR"/sweep_config.yaml')
     bad = experiments(1, ntasks_per_node=4)[0]
     with pytest.raises(JobSubmissionError, match=r"slurm.ntasks_per_node 4: acceltrain runs one task per node"):
         SLURMLauncher(None, "out", training_script="train.py").render([bad])
