@@ -416,7 +416,10 @@ def test_generation_utilities():
     assert torch.equal(sample_top_p(logits, p=0.9), torch.tensor([[-math.inf, 4.0, -math.inf, 3.0]]))
     input_ids = torch.tensor([[1, 2]])
     out = apply_repetition_penalty(logits, input_ids, penalty=1.1)
-    assert torch.equal(out, torch.tensor([[1.0, 4.0 / 1.1, -2.0 * 1.1, 3.0]]))
+    expected = logits.clone()
+    expected[0, 1] /= 1.1  # a positive logit of a token seen: divided by the penalty
+    expected[0, 2] *= 1.1  # a negative one: multiplied
+    assert torch.equal(out, expected)
     assert torch.equal(logits, torch.tensor([[1.0, 4.0, -2.0, 3.0]]))  # the input is not modified
     assert torch.equal(create_causal_mask(3), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
 
