@@ -310,6 +310,9 @@ def test_complete_training_example(data: Path, tmp_path: Path, monkeypatch):
         return trainer
 
     trainer = main()
+    assert trainer.generate_text("the model", max_length=12, seed=0).startswith("the model")
+    with pytest.raises(TrainingError, match=r"^Trainer.evaluate: no eval_dataset$"):
+        trainer.evaluate()
     windows = len(trainer.train_dataset)
     steps = math.ceil(windows / 8)
     assert [h["step"] for h in trainer.history] == list(range(1, steps + 1))  # num_epochs=1: one pass
@@ -432,7 +435,9 @@ def test_metrics_functions(tokenizer: BPETokenizer, data: Path):
     dataloader = create_dataloader(dataset, batch_size=5, shuffle=False)
     device = "cpu"
     perplexity = compute_perplexity(model, dataloader, device)
+    assert model.training  # put back as it was
     total = tokens = 0
+    model.eval()  # no dropout: compute_perplexity evaluates in eval mode
     with torch.no_grad():
         for batch in dataloader:
             total += model(batch["input_ids"], labels=batch["labels"]).loss.item() * batch["input_ids"].numel() * 31 / 32
