@@ -150,6 +150,9 @@ def evaluate_resumable(trainer: BaseTrainer, progress: EvalProgress | None = Non
             count += n_valid
             done += 1
             if interruptible and _stop_requested(trainer, stopped_before):
+                # Every rank agreed: all stop after this step (a signal sets only its own rank's
+                # flag), so the checkpoint is of this step, whose evaluation it holds.
+                trainer.request_stop(trainer.stop_reason or "stop requested during evaluation")
                 if done < len(loader):
                     return None, EvalProgress(progress.step, done, sums, count)
                 break  # that was the last batch: the evaluation is complete anyway

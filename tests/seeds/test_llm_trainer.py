@@ -447,8 +447,9 @@ def test_metrics_functions(tokenizer: BPETokenizer, data: Path):
     generated_texts = ["the cat sat on the mat", "the the the dog"]
     reference_texts = ["the cat sat on the mat", "a dog ran"]
     diversity = compute_diversity_metrics(generated_texts)
-    # words: the cat sat on the mat the the the dog -> 6 distinct of 10; bigrams: 8 distinct of 8
-    assert diversity == {"distinct_1": 0.6, "distinct_2": 1.0}
+    # words: the cat sat on the mat | the the the dog -> 6 distinct of 10; bigrams (within a text):
+    # 5 + 3, "the the" twice -> 7 distinct of 8
+    assert diversity == {"distinct_1": 0.6, "distinct_2": 7 / 8}
     repetition = compute_repetition_metrics(generated_texts)
     assert repetition == {"repetition_rate": (1 - 5 / 6 + 1 - 2 / 4) / 2,
                           "repeated_bigram_rate": (0 + 1 - 2 / 3) / 2, "max_run": (1 + 3) / 2}
