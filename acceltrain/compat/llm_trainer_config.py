@@ -188,9 +188,8 @@ _IGNORED = {
 
 
 def is_nested_config(path: str | Path) -> bool:
-    """A JSON file, or a YAML file with ``model:``, ``training:`` or ``data:`` sections."""
-    if Path(path).suffix.lower() == ".json":
-        return True
+    """A YAML or JSON file with ``model:``, ``training:`` or ``data:`` sections (a flat recipe
+    config, JSON included, is not)."""
     from .mtf_config import load_mapping
 
     try:

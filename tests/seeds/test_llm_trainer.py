@@ -560,6 +560,10 @@ def test_the_yaml_and_json_formats_of_the_document_map_alike(tmp_path: Path):
         "--activation": "gelu", "--dropout": "0.1", "--seq_len": "1024", "--vocab_size": "50000",
         "--dataset": "wikitext", "--dataset_config": "wikitext-103-raw-v1", "--batch_size": "32", "--lr": "0.0001",
         "--warmup_steps": "1000", "--mixed_precision": "auto"}
+    from acceltrain.compat.llm_trainer_config import is_nested_config
+
+    (tmp_path / "flat.json").write_text('{"recipe": "causal_lm", "model": "gpt2", "max_steps": 3}')
+    assert is_nested_config(tmp_path / "model_config.json") and not is_nested_config(tmp_path / "flat.json")
     (tmp_path / "bad.yaml").write_text("model: {d_model: 64, n_head: 4}\n")
     with pytest.raises(Exception, match=r"bad.yaml: model.n_head: unknown key; known keys: vocab_size, d_model"):
         pretrain_flags(tmp_path / "bad.yaml")
