@@ -613,7 +613,23 @@ def test_submit_experiment_batch_runs_a_real_job_array(cluster, tmp_path: Path):
     for exp in exps:
         out = json.loads((tmp_path / "out" / exp.experiment_name / "result.json").read_text())
         assert out == {"code": "slurm", "lr": exp.training.learning_rate}
-    assert launcher.cancel_job(job) is False or launcher.get_job_status(job) is JobStatus.COMPLETED
+    assert launcher.get_job_status(job) is JobStatus.COMPLETED
+
+    # One experiment through a custom template, cancelled while it waits or runs.
+    template = tmp_path / "job.tmpl"
+    template.write_text("#!/bin/bash\n#SBATCH --job-name={{job_name}}\n#SBATCH --time={{time_limit}}\n"
+                        "#SBATCH --output={{output_dir}}/slurm.out\nsleep 120\n"
+                        "{{python}} {{script_path}} --config {{config_path}}\n")
+    single = SLURMLauncher(template, tmp_path / "single", training_script=str(tmp_path / "train.py"))
+    job = single.submit_experiment(exps[0])
+    assert re.fullmatch(r"\d+", job) and single.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING)
+    assert single.cancel_job(job) is True
+    deadline = time.time() + 120
+    while (status := single.get_job_status(job)) in (JobStatus.PENDING, JobStatus.RUNNING):
+        assert time.time() < deadline, f"job {job} still {status} after scancel"
+        time.sleep(1)
+    assert status is JobStatus.CANCELLED
+    assert not (tmp_path / "single" / exps[0].experiment_name / "result.json").exists()
 
 
 # ---------------------------------------------------------------------- the framework and utils
