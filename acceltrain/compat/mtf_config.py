@@ -17,7 +17,7 @@ import yaml
 
 from ..config import UserError
 from ..slurm import read_yaml
-from ..sweep import NamingStrategy, compose_configs
+from ..sweep import NamingStrategy, _naming, compose_configs
 from ..sweep import ParameterGrid as _Grid
 from ..sweep import ParameterGridSearch as _Search
 
@@ -270,7 +270,10 @@ class ParameterGridSearch(_Search):
         return grid
 
     def set_naming_strategy(self, strategy: NamingStrategy | str) -> None:
-        self.naming = NamingStrategy(strategy) if isinstance(strategy, str) else strategy
+        try:
+            self.naming = _naming(strategy)
+        except UserError as e:
+            raise ConfigurationError(str(e)) from None
 
     def get_total_experiments(self) -> int:
         return len(self.points())

@@ -201,6 +201,8 @@ def test_each_naming_strategy_gives_the_documented_names():
     # Sequential numbering:
     assert names[NamingStrategy.SEQUENTIAL] == [f"base_run_{i:03d}" for i in range(12)]
     assert all(len(set(n)) == 12 for n in names.values())
+    with pytest.raises(ConfigurationError, match=r"^naming 'by_date': expected one of descriptive, hash, sequential$"):
+        ParameterGridSearch(BASE).set_naming_strategy("by_date")
 
 
 def test_create_grid_adds_it_and_grids_union_without_duplicates():
