@@ -346,6 +346,25 @@ def test_custom_dataset_example(data: Path, tokenizer: BPETokenizer, monkeypatch
     stats = dataset.get_stats()
     n_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)  # EOS after each
     assert stats == {"num_sequences": n_tokens // 64, "num_tokens": n_tokens, "max_length": 64, "packed": True}
+    # The Trainer section's example, with this dataset (two steps).
+    model = TransformerLM(tiny_config(tokenizer.vocab_size))
+    training_config = TrainingConfig(batch_size=8, max_steps=2, warmup_steps=1, logging_steps=1,
+                                     checkpoint_dir=str(data / "trainer_section" / "checkpoints"))
+    train_dataset = eval_dataset = dataset
+    trainer = Trainer(
+        model=model,
+        tokenizer=tokenizer,
+        config=training_config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset
+    )
+    trainer.train()
+    assert [h["step"] for h in trainer.history] == [1, 2]
+    metrics = trainer.evaluate()
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"])) and metrics["tokens"] == len(dataset) * 63
+    trainer.save_model(data / "trainer_section" / "final")
+    again = Trainer.from_pretrained(data / "trainer_section" / "final", config=training_config)
+    assert again.tokenizer.encode("the model") == tokenizer.encode("the model")
     unpacked = LanguageModelingDataset(texts, tokenizer, max_length=16, pack_sequences=False)
     padded = create_dataloader(unpacked, batch_size=2, shuffle=False)
     assert next(iter(padded))["input_ids"].shape == (2, 16)
