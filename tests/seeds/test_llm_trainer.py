@@ -56,6 +56,7 @@ from acceltrain.compat.llm_trainer import (
 )
 from acceltrain.compat.llm_trainer_config import pretrain_flags
 from tests.conftest import ROOT
+from tests.helpers import cli_error
 
 SEED = Path("/work/shared/seeds/004_8cc05e0bf127ac48.txt")
 WORDS = ("the future of ai is bright and once upon a time a model learned to write text while the "
@@ -613,7 +614,7 @@ def test_train_command_line_with_a_nested_config(trained):
     assert (root / "output" / "checkpoints" / f"checkpoint_step_{steps}").is_dir()
 
 
-def test_train_resume_from_checkpoint_and_force_retrain_tokenizer(trained):
+def test_train_resume_from_checkpoint_and_force_retrain_tokenizer(trained, capsys):
     root, config = trained["root"], trained["config"]
     checkpoints = root / "output" / "checkpoints"
     last = max(checkpoints.glob("checkpoint_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
@@ -624,23 +625,21 @@ def test_train_resume_from_checkpoint_and_force_retrain_tokenizer(trained):
     assert "(cached)" not in proc.stdout.split("tokenizer")[1].split(";")[0]  # trained again, in a fresh cache
     assert (checkpoints / f"checkpoint_step_{step + 2}").is_dir()
     older = min(checkpoints.glob("checkpoint_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
-    err = cli("train", "--config", str(config), "--resume_from_checkpoint", str(older), cache=root / "cache",
-              expect=2).stderr
-    assert err.strip().splitlines()[-1].startswith(f"error: --resume_from_checkpoint {older}: the run in ")
-    err = cli("train", "--config", str(config), "--log_level", "loud", cache=root / "cache", expect=2).stderr
-    assert err.strip().splitlines()[-1] == ("error: --log_level 'loud': expected one of debug, info, warning, "
-                                            "error, critical")
+    # Bad input: one error line, exit 2, before anything is read or written (in-process: fast).
+    err = cli_error(capsys, "train", "--config", str(config), "--resume_from_checkpoint", str(older))
+    assert err.startswith(f"error: --resume_from_checkpoint {older}: the run in ")
+    err = cli_error(capsys, "train", "--config", str(config), "--log_level", "loud")
+    assert err == "error: --log_level 'loud': expected one of debug, info, warning, error, critical"
 
 
-def test_generate_command_line(trained):
+def test_generate_command_line(trained, capsys):
     root = trained["root"]
     proc = cli("generate", "--model_path", str(root / "output" / "final"), "--prompts", "The future of AI",
                "Once upon a time", "--max_length", "24", "--temperature", "0.8", "--top_p", "0.9", cache=root / "cache")
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("The future of AI") and lines[1].startswith("Once upon a time")
-    err = cli("generate", "--model_path", str(root / "output" / "final"), "--interactive", cache=root / "cache",
-              expect=2).stderr
-    assert err.strip() == "error: --interactive needs a terminal (stdin is not a TTY); pass prompts with --prompts instead"
+    err = cli_error(capsys, "generate", "--model_path", str(root / "output" / "final"), "--interactive")
+    assert err == "error: --interactive needs a terminal (stdin is not a TTY); pass prompts with --prompts instead"
 
 
 def test_generate_interactive_under_a_pseudo_terminal(trained):
@@ -686,7 +685,7 @@ def test_generate_interactive_under_a_pseudo_terminal(trained):
         os.close(fd)
 
 
-def test_evaluate_command_line(trained, data: Path):
+def test_evaluate_command_line(trained, data: Path, capsys):
     root = trained["root"]
     eval_config = root / "configs" / "eval_config.json"
     eval_config.write_text(json.dumps({"dataset_name": str(data / "data2.txt"), "max_length": 32, "batch_size": 4}))
@@ -706,6 +705,6 @@ def test_evaluate_command_line(trained, data: Path):
                          cache=root / "cache").stdout.strip().splitlines()[-1])
     assert (one["batches"], one["windows"]) == (1, 4) and "generation" not in one
     (root / "configs" / "bad_eval.json").write_text(json.dumps({"dataset": "x"}))
-    err = cli("evaluate", "--model_path", str(root / "output" / "final"), "--dataset_config",
-              str(root / "configs" / "bad_eval.json"), cache=root / "cache", expect=2).stderr
-    assert err.strip().splitlines()[-1].startswith(f"error: {root / 'configs' / 'bad_eval.json'}: dataset: unknown key")
+    err = cli_error(capsys, "evaluate", "--model_path", str(root / "output" / "final"), "--dataset_config",
+                    str(root / "configs" / "bad_eval.json"))
+    assert err.startswith(f"error: {root / 'configs' / 'bad_eval.json'}: dataset: unknown key")
