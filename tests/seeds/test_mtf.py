@@ -649,7 +649,21 @@ def test_run_grid_search_dry_run_lists_and_writes_nothing(tmp_path: Path):
     assert framework.get_slurm_launcher().output_dir == tmp_path / "experiments"
 
 
-def test_utilities_as_documented(tmp_path: Path, monkeypatch):
+@pytest.fixture
+def restore_logging():
+    """setup_logging reconfigures the root logger: put pytest's back afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
+def test_utilities_as_documented(tmp_path: Path, monkeypatch, restore_logging):
     setup_logging(level="INFO", log_file=str(tmp_path / "training.log"))
     logger = get_logger(__name__)
     logger.info("hello")
