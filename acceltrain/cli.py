@@ -92,21 +92,31 @@ def run_train(config: str | None, overrides: list[str]) -> int:
     """`acceltrain train --config FILE.yaml [--field value ...]`: run the recipe the file names.
 
     With no ``--config`` it runs the pretraining demo. ``--help`` lists the fields of the recipe
-    the config names (every field is also a flag).
+    the config names (every field is also a flag). LLM Trainer's ``scripts/train.py`` command
+    line works too: a nested ``model:``/``training:``/``data:`` config (YAML or JSON),
+    ``--resume_from_checkpoint PATH``, ``--force_retrain_tokenizer``, ``--log_level LEVEL``
+    (see :mod:`acceltrain.compat.llm_trainer_cli`).
     """
     from .compat.selgis_cli import is_selgis_config, run_selgis_train
 
     if config and is_selgis_config(config):  # a SELGIS config file: SELGIS's `selgis train --config`
         return run_selgis_train(config, overrides)
-    script = recipe_script(config)
-    argv = (["--config", config] if config else []) + overrides
     if "-h" in overrides or "--help" in overrides:
         from .config import parse_config
 
+        script = recipe_script(config)
         config_cls, _ = _load_recipe(script).RECIPE
-        parse_config(config_cls, argv, prog="acceltrain train")  # prints, exits 0
-    sys.argv = [str(script), *argv]
-    runpy.run_path(str(script), run_name="__main__")
+        parse_config(config_cls, (["--config", config] if config else []) + overrides, prog="acceltrain train")
+        return 0  # parse_config printed the help and exited
+    from .compat.llm_trainer_cli import train_arguments
+
+    recipe_config, argv, cleanup = train_arguments(config, overrides)
+    script = recipe_script(recipe_config)
+    try:
+        sys.argv = [str(script), *argv]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        cleanup()
     return 0
 
 
@@ -158,43 +168,54 @@ def _check(ok: bool, flag: str, expected: str, value: Any) -> None:
         raise UserError(f"{flag} must be {expected}, got {value!r}")
 
 
+def generation_settings(args: argparse.Namespace) -> Any:
+    """The decoding settings of `acceltrain generate`'s flags, checked (one-line errors), before
+    any model is loaded."""
+    from .generation import GenerationSettings
+
+    if not args.prompts and not args.interactive:
+        raise UserError("the following arguments are required: --prompt (or --prompts, or --interactive)")
+    for prompt in args.prompts or []:
+        _check(prompt != "", "--prompt", "non-empty text", prompt)
+    if args.max_length is not None and args.max_new_tokens is not None:
+        raise UserError("--max_length and --max_new_tokens: give one (max_length counts the prompt too)")
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens if args.max_length is None and args.max_new_tokens is not None else 64,
+        max_length=args.max_length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, seed=args.seed)
+    settings.check(lambda name: f"--{name}")
+    return settings
+
+
 def check_generate_args(args: argparse.Namespace) -> None:
     """One-line errors for `acceltrain generate` flags, before any model is loaded."""
-    _check(args.prompt != "", "--prompt", "non-empty text", args.prompt)
-    _check(args.max_new_tokens >= 1, "--max_new_tokens", ">= 1", args.max_new_tokens)
-    _check(args.temperature >= 0 and math.isfinite(args.temperature), "--temperature", ">= 0 (0: greedy)",
-           args.temperature)
-    _check(args.top_k >= 0, "--top_k", ">= 0 (0: no top-k filter)", args.top_k)
-    _check(0 < args.top_p <= 1, "--top_p", "in (0, 1]", args.top_p)
-    _check(args.repetition_penalty > 0 and math.isfinite(args.repetition_penalty), "--repetition_penalty",
-           "> 0 (1: none)", args.repetition_penalty)
-    _check(args.num_beams >= 1, "--num_beams", ">= 1", args.num_beams)
+    generation_settings(args)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Sample from a model folder through transformers' generate (KV cache on).
 
     ``--temperature 0`` or ``--num_beams > 1`` decode deterministically (greedy or beam search);
-    otherwise tokens are sampled with temperature, top-k and top-p, seeded by ``--seed``.
+    otherwise tokens are sampled with temperature, top-k and top-p, seeded by ``--seed``. Each of
+    ``--prompts a b ...`` gets its own continuation; ``--interactive`` then reads more prompts
+    from the terminal until EOF (Ctrl-D), ``quit`` or ``exit``.
     """
-    import torch
+    from .generation import generate_texts, prompt_loop
 
-    check_generate_args(args)
+    settings = generation_settings(args)
+    if args.interactive and not sys.stdin.isatty():
+        raise UserError("--interactive needs a terminal (stdin is not a TTY); pass prompts with --prompts instead")
     model, tok = _load_causal_lm(args.model, args.trust_remote_code)
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
-    if ids.shape[1] == 0:
-        raise UserError(f"--prompt {args.prompt!r}: the tokenizer of {args.model} turns it into no tokens")
-    sample = args.temperature > 0 and args.num_beams == 1
-    torch.manual_seed(args.seed)
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=sample,
-            temperature=args.temperature if sample else None, top_k=args.top_k if sample else None,
-            top_p=args.top_p if sample else None, repetition_penalty=args.repetition_penalty,
-            num_beams=args.num_beams, use_cache=True,
-            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        )
-    print(tok.decode(out[0], skip_special_tokens=True))
+    for text in generate_texts(model, tok, args.prompts or [], settings):
+        print(text, flush=True)
+    if args.interactive:
+        def answer(prompt: str) -> str:
+            try:
+                return generate_texts(model, tok, [prompt], settings)[0]
+            except UserError as e:  # a prompt the tokenizer cannot use: say so and ask again
+                return f"error: {e}"
+
+        prompt_loop(answer, banner=f"{args.model}: type a prompt and Enter; quit, exit or Ctrl-D ends")
     return 0
 
 
@@ -202,41 +223,70 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Perplexity of a model folder on text: every full seq_len window, mean next-token loss, exp of it.
 
     Every window predicts ``seq_len - 1`` tokens, so the mean over windows is the mean over tokens.
+    Then ``--generation_samples`` greedy continuations of held-out windows (their first half as
+    the prompt, the next tokens as the reference) give distinct-n, repetition and BLEU. The
+    result is one JSON line, and with ``--output_path`` a JSON file. LLM Trainer's
+    ``scripts/evaluate.py`` line works too: ``--model_path``, ``--dataset_config FILE.json``
+    (an evaluation config: dataset_name, dataset_config, text_column, max_length, batch_size),
+    ``--output_path``, ``--max_batches``.
     """
     import json
 
     import torch
 
+    from .compat.llm_trainer_cli import eval_config_file
     from .data import PackedTokens, load_texts, pack_texts, texts_fingerprint
+    from .metrics import generation_samples
     from .recipe_kit import cache_root
 
+    eval_config_file(args)  # fills dataset, dataset_config, ... from a --dataset_config file
+    if not args.dataset:
+        raise UserError("the following arguments are required: --dataset (or --dataset_config FILE.json)")
     _check(args.seq_len >= 2, "--seq_len", ">= 2 (a window predicts seq_len - 1 tokens)", args.seq_len)
     _check(args.batch_size >= 1, "--batch_size", ">= 1", args.batch_size)
     _check(args.max_bytes >= 0, "--max_bytes", ">= 0 (0: all)", args.max_bytes)
+    _check(args.max_batches is None or args.max_batches >= 1, "--max_batches", ">= 1", args.max_batches)
+    _check(args.generation_samples >= 0, "--generation_samples", ">= 0 (0: none)", args.generation_samples)
+    _check(args.generation_tokens >= 1, "--generation_tokens", ">= 1", args.generation_tokens)
+    if args.output_path is not None and Path(args.output_path).is_dir():
+        raise UserError(f"--output_path {args.output_path}: is a folder; give a file name")
     model, tok = _load_causal_lm(args.model, args.trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and args.seq_len > limit:
         raise UserError(f"--seq_len {args.seq_len}: the model in {args.model} takes at most {limit} positions")
     cache = cache_root()
     texts = load_texts(args.dataset, text_column=args.text_column, config_name=args.dataset_config,
-                       max_bytes=args.max_bytes or None, cache_dir=cache / "datasets")
+                       split=args.split, max_bytes=args.max_bytes or None, cache_dir=cache / "datasets")
     corpus = pack_texts(texts, tok, cache / "packed", fingerprint=texts_fingerprint(texts))
     windows = PackedTokens(corpus, args.seq_len)
     if len(windows) == 0:
         raise UserError(f"--dataset {args.dataset}: {corpus.num_tokens} tokens found, fewer than one window of "
                         f"--seq_len {args.seq_len}; give more text or a smaller --seq_len")
     loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
-    total, count = 0.0, 0
+    total, count, batches = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader:
+            if args.max_batches is not None and batches >= args.max_batches:
+                break
             ids = batch["input_ids"].to(model.device)
             loss = model(input_ids=ids, labels=ids).loss
             total += loss.item() * len(batch["input_ids"])
             count += len(batch["input_ids"])
+            batches += 1
     loss = total / count
-    print(json.dumps({"model": args.model, "windows": count, "seq_len": args.seq_len, "tokens": corpus.num_tokens,
-                      # JSON has no infinity: a perplexity too large for a float is null.
-                      "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4) if loss < 700 else None}))
+    result = {"model": args.model, "windows": count, "batches": batches, "seq_len": args.seq_len,
+              "tokens": corpus.num_tokens,
+              # JSON has no infinity: a perplexity too large for a float is null.
+              "loss": round(loss, 6), "perplexity": round(math.exp(loss), 4) if loss < 700 else None}
+    if args.generation_samples:
+        result["generation"] = generation_samples(model, tok, windows, args.generation_samples, args.generation_tokens)
+    print(json.dumps(result))
+    if args.output_path is not None:
+        out = Path(args.output_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
     return 0
 
 
@@ -265,9 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--plot", help="where to save the loss-vs-LR plot (default: output_dir/lr_find.png)")
     lr_find.add_argument("--num_steps", type=int, default=100, help="LR values tried between 1e-7 and 10")
     gen = sub.add_parser("generate", help="sample text from a model folder")
-    gen.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. runs/pretrain/final)")
-    gen.add_argument("--prompt", required=True, help="the text to continue (non-empty)")
-    gen.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate (>= 1)")
+    gen.add_argument("--model", "--model_path", dest="model", required=True,
+                     help="a Hugging Face model folder (e.g. runs/pretrain/final)")
+    gen.add_argument("--prompt", "--prompts", dest="prompts", nargs="+",
+                     help="the text(s) to continue (non-empty), each continued on its own")
+    gen.add_argument("--max_new_tokens", type=int, default=None, help="tokens to generate (>= 1; default 64)")
+    gen.add_argument("--max_length", type=int, default=None,
+                     help="instead of --max_new_tokens: total tokens, the prompt's included (transformers' meaning)")
+    gen.add_argument("--interactive", action="store_true",
+                     help="then read prompts from the terminal until EOF (Ctrl-D), quit or exit")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (>= 0; 0: greedy)")
     gen.add_argument("--top_k", type=int, default=40, help="sample from the k likeliest tokens (0: no limit)")
     gen.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1: no limit)")
@@ -276,13 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="beam search width (>= 1); above 1 decodes deterministically, without sampling")
     gen.add_argument("--seed", type=int, default=0, help="seed for sampling")
     ev = sub.add_parser("evaluate", help="perplexity of a model folder on text (every full window)")
-    ev.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. runs/pretrain/final)")
-    ev.add_argument("--dataset", required=True, help="a local .txt/.jsonl/.csv/.parquet file or folder, or a Hub name")
-    ev.add_argument("--dataset_config", help="Hub dataset config name")
-    ev.add_argument("--text_column", default="text", help="column holding the text (jsonl/csv/parquet/Hub)")
-    ev.add_argument("--seq_len", type=int, default=256, help="tokens per window (>= 2)")
-    ev.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    ev.add_argument("--model", "--model_path", dest="model", required=True,
+                    help="a Hugging Face model folder (e.g. runs/pretrain/final)")
+    ev.add_argument("--dataset", help="a local .txt/.jsonl/.csv/.parquet file or folder, or a Hub name")
+    ev.add_argument("--dataset_config", help="Hub dataset config name, or an evaluation config file (.json/.yaml: "
+                                             "dataset_name, dataset_config, text_column, max_length, batch_size)")
+    ev.add_argument("--split", default="train", help="Hub dataset split")
+    ev.add_argument("--text_column", default=None, help="column holding the text (jsonl/csv/parquet/Hub; default text)")
+    ev.add_argument("--seq_len", type=int, default=None, help="tokens per window (>= 2; default 256)")
+    ev.add_argument("--batch_size", type=int, default=None, help="windows per forward pass (default 8)")
     ev.add_argument("--max_bytes", type=int, default=0, help="read at most this much text (0: all)")
+    ev.add_argument("--max_batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
+    ev.add_argument("--output_path", help="also write the results to this JSON file")
+    ev.add_argument("--generation_samples", type=int, default=4,
+                    help="greedy continuations of held-out windows scored for distinct-n, repetition, BLEU (0: none)")
+    ev.add_argument("--generation_tokens", type=int, default=32, help="tokens per continuation")
     for p in (gen, ev):
         p.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the model (off by default)")
     # These set `handler`: main() calls it with the parsed arguments.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +23,7 @@ from .utils import flatten_dict, map_nested_tensor, to_float
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["EvaluationHook", "shard_eval_loader", "evaluate"]
+__all__ = ["EvalProgress", "EvaluationHook", "EvaluationInterrupted", "shard_eval_loader", "evaluate", "evaluate_resumable"]
 
 
 class _Padded(Dataset):
@@ -72,22 +73,71 @@ def _select(batch: Any, valid: torch.Tensor) -> Any:
     return map_nested_tensor(lambda t: t[valid] if t.dim() > 0 and t.shape[0] == size else t, batch)
 
 
-@torch.no_grad()
-def evaluate(trainer: BaseTrainer) -> dict[str, float]:
-    """Average ``trainer.evaluation_step`` over the evaluation set, weighted by samples.
+@dataclass
+class EvalProgress:
+    """How far an interrupted evaluation got: the training step it belongs to, the batches of
+    this rank's share already done, and the running (sample-weighted) sums over them."""
 
-    Sums and sample counts are all-reduced, so every rank returns the same numbers.
+    step: int
+    batches: int
+    sums: dict[str, torch.Tensor]
+    count: torch.Tensor
+
+    def state_dict(self) -> dict[str, Any]:
+        # Tensors and plain values only: the checkpoint stores hook states without pickle.
+        return {"step": self.step, "batches": self.batches, "sums": dict(self.sums), "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EvalProgress:
+        return cls(int(state["step"]), int(state["batches"]), dict(state["sums"]), state["count"])
+
+
+def _from_batch(loader: DataLoader, start: int) -> DataLoader:
+    """``loader`` without its first ``start`` batches, which are never read (only the sampler's
+    indices are sliced); the same batches as ``loader``'s from there on."""
+    if start == 0:
+        return loader
+    indices = list(loader.sampler)[start * (loader.batch_size or 1):]
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=indices, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def _stop_requested(trainer: BaseTrainer, before: bool) -> bool:
+    """Did a stop (a signal) arrive since the evaluation began? Agreed by every rank (one small
+    all-reduce per evaluation batch when distributed), so all of them stop after the same batch."""
+    now = bool(trainer.should_stop or trainer._stop_local) and not before
+    if trainer.accelerator.num_processes > 1:
+        flag = torch.tensor([int(now)], device=trainer.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        now = bool(flag.item())
+    return now
+
+
+@torch.no_grad()
+def evaluate_resumable(trainer: BaseTrainer, progress: EvalProgress | None = None, *,
+                       interruptible: bool = False) -> tuple[dict[str, float] | None, EvalProgress]:
+    """Like :func:`evaluate`, continuing ``progress`` and, with ``interruptible``, stopping after
+    the batch in which a stop request (a signal) arrives.
+
+    Returns ``(metrics, progress)``; ``metrics`` is None when interrupted, and ``progress``
+    then says where to continue. A continued evaluation adds the same batches to the same
+    float64 sums in the same order, so its metrics equal an uninterrupted one's bitwise.
     """
     loader = trainer.eval_data_loader
     if loader is None:
         raise RuntimeError("evaluate() needs build_eval_data_loader() to return a DataLoader")
+    if progress is None:
+        progress = EvalProgress(trainer.step, 0, {}, torch.zeros((), dtype=torch.float64, device=trainer.device))
+    sums = {k: v.to(trainer.device) for k, v in progress.sums.items()}
+    count = progress.count.to(trainer.device).clone()
+    stopped_before = bool(trainer.should_stop or trainer._stop_local)
     model = trainer.model
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    done = progress.batches
     try:
-        for valid, batch in loader:
+        for valid, batch in _from_batch(loader, progress.batches):
+            trainer.eval_batch_idx = done  # which batch of this rank's share (validation_step's batch_idx)
             batch = send_to_device(batch, trainer.device)
             n_valid = int(valid.sum())
             if 0 < n_valid < valid.shape[0]:
@@ -98,6 +148,14 @@ def evaluate(trainer: BaseTrainer) -> dict[str, float]:
                 value = torch.as_tensor(value, dtype=torch.float64, device=trainer.device)
                 sums[key] = sums.get(key, 0) + value * n_valid  # a batch of padding weighs 0
             count += n_valid
+            done += 1
+            if interruptible and _stop_requested(trainer, stopped_before):
+                # Every rank agreed: all stop after this step (a signal sets only its own rank's
+                # flag), so the checkpoint is of this step, whose evaluation it holds.
+                trainer.request_stop(trainer.stop_reason or "stop requested during evaluation")
+                if done < len(loader):
+                    return None, EvalProgress(progress.step, done, sums, count)
+                break  # that was the last batch: the evaluation is complete anyway
     finally:
         model.train(was_training)
     keys = sorted(sums)
@@ -105,7 +163,32 @@ def evaluate(trainer: BaseTrainer) -> dict[str, float]:
     if trainer.accelerator.num_processes > 1:
         torch.distributed.all_reduce(flat)
     totals = flat.tolist()
-    return {k: v / totals[-1] for k, v in zip(keys, totals[:-1], strict=True)}
+    metrics = {k: v / totals[-1] for k, v in zip(keys, totals[:-1], strict=True)}
+    return metrics, EvalProgress(progress.step, done, sums, count)
+
+
+class EvaluationInterrupted(BaseException):
+    """Raised through ``trainer.evaluate()`` (and any override of it that calls ``super()``) when
+    a stop request ended an interruptible evaluation; ``EvaluationHook`` catches it. A
+    BaseException, so an ``except Exception`` in user code does not swallow it."""
+
+    def __init__(self, progress: EvalProgress):
+        super().__init__(f"evaluation interrupted after batch {progress.batches}")
+        self.progress = progress
+
+
+def evaluate(trainer: BaseTrainer) -> dict[str, float]:
+    """Average ``trainer.evaluation_step`` over the evaluation set, weighted by samples.
+
+    Sums and sample counts are all-reduced, so every rank returns the same numbers. Called by
+    ``EvaluationHook``, it continues the hook's interrupted evaluation and may itself be
+    interrupted (:class:`EvaluationInterrupted`).
+    """
+    progress, interruptible = getattr(trainer, "_eval_context", None) or (None, False)
+    metrics, state = evaluate_resumable(trainer, progress, interruptible=interruptible)
+    if metrics is None:
+        raise EvaluationInterrupted(state)
+    return metrics
 
 
 class EvaluationHook(BaseHook):
@@ -115,24 +198,56 @@ class EvaluationHook(BaseHook):
     early stopping can use them), kept in ``hook.history`` and printed on the main process.
     Every rank must run this hook.
 
+    A stop request that arrives during an evaluation (a signal caught by ``CheckpointingHook``)
+    ends it after the current batch: the hook keeps how far it got (``hook.pending``, part of
+    its state, so the checkpoint written on the way out holds it), and a run resumed from that
+    checkpoint finishes the evaluation from the next batch before its first training step.
+    Metrics and the training that follows equal the uninterrupted run's exactly.
+
     Example:
         >>> EvaluationHook(interval=200)
     """
 
-    def __init__(self, interval: int = 1000, at_end: bool = True, prefix: str = "eval"):
+    def __init__(self, interval: int = 1000, at_end: bool = True, prefix: str = "eval", interruptible: bool = True):
         if interval < 1:
             raise ValueError(f"EvaluationHook interval must be >= 1, got {interval}")
         self.interval, self.at_end, self.prefix = interval, at_end, prefix
+        self.interruptible = interruptible
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last: dict[str, float] | None = None
+        self.pending: EvalProgress | None = None  # an evaluation a stop request interrupted
+        self._started = False
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         last = trainer.step == trainer.max_steps and self.at_end
         if trainer.step % self.interval == 0 or last:
             self.run(trainer)
 
-    def run(self, trainer: BaseTrainer) -> dict[str, float]:
-        metrics = trainer.evaluate()
+    def run(self, trainer: BaseTrainer, progress: EvalProgress | None = None) -> dict[str, float] | None:
+        """Evaluate now (or continue ``progress``); returns the metrics, or None if interrupted.
+
+        Through ``trainer.evaluate()``, so a recipe's override (adding perplexity, say) applies."""
+        # The trainer's evaluate() takes no arguments (recipes override it): the position to
+        # continue from travels beside it, for evaluation.evaluate() to pick up.
+        trainer._eval_context = (progress, self.interruptible)
+        try:
+            metrics = trainer.evaluate()
+        except EvaluationInterrupted as stop:
+            metrics, state = None, stop.progress
+        finally:
+            trainer._eval_context = None
+        if metrics is None:
+            self.pending = state
+            # A checkpoint of this step may be written already (a hook before this one): it
+            # must be written again, with this evaluation's position in it.
+            for hook in trainer.hooks:
+                if callable(getattr(hook, "invalidate", None)):
+                    hook.invalidate()
+            if trainer.is_main_process:
+                print(f"Eval  {trainer.step}/{trainer.max_steps}: interrupted after batch {state.batches} of "
+                      f"{len(trainer.eval_data_loader)}; a resumed run continues from there", flush=True)
+            return None
+        self.pending = None
         self.last = metrics
         self.history.append((trainer.step, metrics))
         trainer.step_info[self.prefix] = metrics
@@ -142,9 +257,25 @@ class EvaluationHook(BaseHook):
             print(f"Eval  {trainer.step}/{trainer.max_steps}: {shown}", flush=True)
         return metrics
 
+    def _continue(self, trainer: BaseTrainer) -> None:
+        if self.pending is not None and self.pending.step == trainer.step:
+            self.run(trainer, self.pending)
+
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        self._started = True
+        self._continue(trainer)  # a checkpoint loaded by a hook before this one
+
+    def on_load_state_dict(self, trainer: BaseTrainer, state: dict[str, Any]) -> None:
+        if self._started:  # loaded by a hook after this one (or by hand during training)
+            self._continue(trainer)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [[step, metrics] for step, metrics in self.history]}
+        state: dict[str, Any] = {"history": [[step, metrics] for step, metrics in self.history]}
+        if self.pending is not None:
+            state["pending"] = self.pending.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [(int(step), dict(metrics)) for step, metrics in state.get("history", [])]
         self.last = self.history[-1][1] if self.history else None
+        self.pending = EvalProgress.from_state(state["pending"]) if state.get("pending") else None

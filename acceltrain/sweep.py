@@ -53,8 +53,8 @@ import yaml
 from .config import UserError
 from .slurm import ArraySpec, ShellExpr, SlurmConfig, load_slurm_config, read_yaml, render_sbatch, submit
 
-__all__ = ["NamingStrategy", "ParameterGrid", "ParameterGridSearch", "Run", "Sweep", "load_sweep", "set_dotted",
-           "git_record", "run_local", "render_array", "add_sweep_parser"]
+__all__ = ["NamingStrategy", "ParameterGrid", "ParameterGridSearch", "Run", "Sweep", "compose_configs", "load_sweep",
+           "set_dotted", "git_record", "run_local", "render_array", "add_sweep_parser"]
 
 CONFIG_FILE, RECORD_FILE, DIFF_FILE, LOG_FILE = "sweep_config.yaml", "sweep_run.json", "git.diff", "sweep_run.log"
 ARRAY_FILE = "slurm_array.sbatch"
@@ -68,6 +68,7 @@ class NamingStrategy(str, Enum):
     DESCRIPTIVE = "descriptive"  # lr=0.001_n_layers=2
     HASH = "hash"  # 10 hex digits of the parameters: stable across sweeps that share a point
     SEQUENTIAL = "sequential"  # run_000, run_001, ... in grid order
+    HASH_BASED = "hash"  # the Model Training Framework's name for HASH (an alias: the same member)
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
@@ -89,8 +90,8 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
     for key, value in overrides.items():
         if "." in key:
             set_dotted(out, key, value)
@@ -98,6 +99,27 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
             out[key] = _merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def compose_configs(base: Mapping[str, Any], overrides: Sequence[Mapping[str, Any]] = (),
+                    parameter_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` with each of ``overrides`` merged over it in turn, then ``parameter_overrides``.
+
+    Mappings merge key by key at every depth; any other value (a list included) replaces what
+    was there whole. A dotted key (``"model.n_layers"``) sets that nested value. Nothing given
+    is mutated.
+
+    Example:
+        >>> compose_configs({"model": {"d": 64, "n": 2}, "tags": ["a"]}, [{"model": {"n": 4}, "tags": ["b"]}],
+        ...                 {"optimizer.lr": 0.1})
+        {'model': {'d': 64, 'n': 4}, 'tags': ['b'], 'optimizer': {'lr': 0.1}}
+    """
+    out = _merge(base, {})
+    for i, override in enumerate([*overrides, parameter_overrides or {}]):
+        if not isinstance(override, Mapping):
+            raise UserError(f"override {i}: expected a mapping, got {type(override).__name__}")
+        out = _merge(out, override)
     return out
 
 
@@ -261,7 +283,7 @@ def load_sweep(path: str | Path, *, naming: str | None = None, output_dir: str |
     grids = [grids] if isinstance(grids, dict) else grids
     if not grids or not isinstance(grids, list) or not all(isinstance(g, dict) and g for g in grids):
         raise UserError(f"{path}: grid: expected a mapping of key: [values, ...] (or a list of them)")
-    search = ParameterGridSearch(_merge(base, inline), naming=naming or spec.get("naming", "descriptive"))
+    search = ParameterGridSearch(compose_configs(base, [inline]), naming=naming or spec.get("naming", "descriptive"))
     for g in grids:
         grid = ParameterGrid()
         for key, values in g.items():

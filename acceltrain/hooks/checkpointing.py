@@ -187,6 +187,11 @@ class CheckpointingHook(BaseHook):
         self._last_saved = trainer.step
         return self._pending.folder
 
+    def invalidate(self) -> None:
+        """The state of the step saved last has changed since (an evaluation interrupted after
+        the save, see ``EvaluationHook``): the next ``save()`` of this step writes it again."""
+        self._last_saved = -1
+
     def wait(self) -> None:
         """Block until the last save is complete (raising what went wrong in it)."""
         if self._pending is not None:

@@ -247,3 +247,27 @@ def test_load_sweep_overrides(here: Path):
     sweep = load_sweep("sweep.yaml", naming="hash", output_dir="elsewhere")
     assert sweep.output_dir == Path("elsewhere") and all(len(r.name) == 10 for r in sweep.runs)
     assert sweep.runs[0].config["output_dir"] == f"elsewhere/{sweep.runs[0].name}"
+
+
+def test_compose_configs_deep_merges_replaces_lists_and_sets_dotted_keys():
+    from acceltrain.sweep import compose_configs
+
+    base = {"model": {"d": 64, "n": 2}, "tags": ["a", "b"], "lr": 0.1}
+    out = compose_configs(base, [{"model": {"n": 4}, "tags": ["c"]}, {"lr": 0.2}], {"model.act": "gelu"})
+    assert out == {"model": {"d": 64, "n": 4, "act": "gelu"}, "tags": ["c"], "lr": 0.2}
+    assert base == {"model": {"d": 64, "n": 2}, "tags": ["a", "b"], "lr": 0.1}  # not mutated
+    with pytest.raises(UserError, match=r"^override 0: expected a mapping, got list$"):
+        compose_configs({}, [[1]])
+
+
+def test_a_sweep_file_composes_its_config_over_the_base(here: Path):
+    path = write_sweep(here, config={"max_steps": 10, "model": {"layers": [4, 4]}})
+    (here / "base.yaml").write_text("seed: 1\nmodel: {d_model: 64, n_layers: 1, layers: [1, 2, 3]}\n")
+    run = load_sweep(path).runs[0]
+    assert run.config["model"] == {"d_model": 64, "n_layers": 2, "layers": [4, 4]}  # merged; the list replaced
+
+
+def test_hash_based_is_the_model_training_frameworks_name_for_hash():
+    from acceltrain.sweep import NamingStrategy
+
+    assert NamingStrategy.HASH_BASED is NamingStrategy.HASH and NamingStrategy("hash") is NamingStrategy.HASH_BASED
