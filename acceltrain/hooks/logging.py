@@ -19,8 +19,8 @@ _last_figures: tuple[dict[str, Any] | None, int, dict[str, Any]] = (None, 0, {})
 
 
 def step_figures(info: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one step's ``step_info`` worth aggregating: accelerator tensors stay on
-    their device (no sync), CPU tensors become floats, once for all hooks (see ``FigureSums``).
+    """The numbers of one step's ``step_info`` worth aggregating, computed once for all hooks.
+    Tensors stay tensors (nothing is read on the host: no sync on a step that does not log).
 
     Several hooks read the same step: the result is reused while ``info`` is the same dict
     with the same keys (treat it as read-only)."""
@@ -47,14 +47,11 @@ def _step_figures(info: dict[str, Any]) -> dict[str, Any]:
     for key, value in info.items():  # figures other hooks put in (max_memory, tokens, ...)
         if key not in out and key not in _NOT_FIGURES and _numeric(value):
             out[key] = value
-    for key, value in out.items():
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-            out[key] = value.item()
     return out
 
 
 _NOT_FIGURES = {"loss", "grad_norm", "step_time", "data_time", "lr", "records", "skipped_batches",
-                "non_finite_retries"}
+                "non_finite_retries", "found_inf", "skipped_steps"}
 
 
 def _numeric(value: Any) -> bool:
@@ -68,22 +65,31 @@ def _numeric(value: Any) -> bool:
 class FigureSums:
     """Per-key sums and counts of step figures, cheap on the hot path.
 
-    ``add`` only appends: accelerator tensors are summed in batches of ``fold`` (one stack and
-    sum per key instead of one tensor add per step), so the host never waits for the device.
-    Give it CPU figures as floats (``step_figures`` does): small CPU tensors kept alive between
-    steps pin the heap under each step's activations and peak RSS creeps up (~1.5 MiB a step
-    measured for a small GPT). ``totals()`` gives float64 sums, as tensors where any value was
-    a tensor."""
+    ``add`` never reads a tensor on the host, so the host never waits for the device:
+    accelerator tensors are summed in batches of ``fold`` (one stack and sum per key instead of
+    one tensor add per step); CPU tensors are added at once into a float64 running sum (small
+    CPU tensors kept alive between steps pin the heap under each step's activations and peak
+    RSS creeps up, ~1.5 MiB a step measured for a small GPT). ``totals()`` gives float64 sums,
+    as tensors where any value was a tensor."""
 
     def __init__(self, fold: int = 64):
         self.fold = fold
         self._pending: dict[str, list[Any]] = {}
+        self._host: dict[str, torch.Tensor] = {}
         self.sums: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
     def add(self, figures: dict[str, Any]) -> None:
-        pending, counts = self._pending, self.counts
+        pending, counts, host = self._pending, self.counts, self._host
         for key, value in figures.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                total = host.get(key)
+                if total is None:
+                    host[key] = value.detach().reshape(()).to(torch.float64, copy=True)
+                else:
+                    total.add_(value.detach().reshape(()))
+                counts[key] = counts.get(key, 0) + 1
+                continue
             values = pending.get(key)
             if values is None:
                 pending[key] = [value]
@@ -108,10 +114,14 @@ class FigureSums:
     def totals(self) -> tuple[dict[str, Any], dict[str, int]]:
         for key in list(self._pending):
             self._fold(key)
+        for key, total in self._host.items():
+            self.sums[key] = self.sums.get(key, 0.0) + total
+        self._host = {}
         return self.sums, self.counts
 
     def clear(self) -> None:
         self._pending.clear()
+        self._host = {}
         self.sums = {}
         self.counts = {}
 
@@ -155,8 +165,8 @@ class LoggingHook(BaseHook):
     """Every ``interval`` steps: average the step figures, reduce them across ranks, call
     ``trainer.log(records)``.
 
-    The sums and counts of the interval are kept as device tensors, so the hook adds no device
-    sync on a step that does not log (the trainer's one per-step sync is its non-finite check). ``sync=True`` reduces them across ranks with one all-reduce of sums
+    The sums and counts of the interval are kept as tensors, so the hook reads nothing on the
+    host on a step that does not log (:meth:`reads_step` tells the trainer which steps do). ``sync=True`` reduces them across ranks with one all-reduce of sums
     (gloo has no AVG). On its own ``on_log`` it forwards the records to Accelerate's trackers
     (TensorBoard under ``workspace/tensorboard`` unless ``tensorboard=False``) and appends a
     line to ``workspace/metrics.jsonl``. Skipped batches are logged as events as they happen.
@@ -192,6 +202,9 @@ class LoggingHook(BaseHook):
                 tracker = TensorBoardTracker("tensorboard", trainer.workspace)
                 tracker.start()
                 acc.trackers.append(tracker)
+
+    def reads_step(self, trainer: BaseTrainer, step: int) -> bool:
+        return step % self.interval == 0 or step >= trainer.max_steps
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
