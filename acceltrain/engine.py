@@ -149,8 +149,11 @@ class GradientOps:
         """Account for the quiet steps whose flags were just read: warn about the ones the
         optimizer skipped on the device, and raise once more than ``max_non_finite_grad_retries``
         of them came in a row (each was already "retried" by the next step's fresh batches)."""
-        from .trainer import NonFiniteError
+        from .trainer import _MAX_SCALER_BACKOFFS, NonFiniteError
 
+        # An fp16 overflow is the scaler's routine (it lowered the scale on the device), not a
+        # fault: as on the host path, that many in a row spend no retry.
+        allowed = self.max_non_finite_grad_retries + (_MAX_SCALER_BACKOFFS if self.grad_scaler is not None else 0)
         pending, self._pending_flags = self._pending_flags, []
         steps: list[int] = []
         batches: list[int] = []
@@ -160,14 +163,18 @@ class GradientOps:
                 steps.append(step)
                 batches.extend(positions)
                 self._deferred_run.append((step, positions))
-                if too_long is None and len(self._deferred_run) > self.max_non_finite_grad_retries:
+                if too_long is None and len(self._deferred_run) > allowed:
                     too_long = self._deferred_run
             else:
                 self._deferred_run = []
         if not steps:
             return
-        self.logger.warning("steps %s: non-finite gradients, the update was skipped on the device (batches %s)",
-                            steps, batches)
+        if self.grad_scaler is None:
+            self.logger.warning("steps %s: non-finite gradients, the update was skipped on the device (batches %s)",
+                                steps, batches)
+        else:
+            self.logger.info("steps %s: fp16 overflow or non-finite gradients, the update was skipped and the "
+                             "scale lowered on the device (batches %s)", steps, batches)
         if self._settled is not None:
             steps, batches = self._settled[0] + steps, self._settled[1] + batches
         self._settled = (steps, batches)
@@ -175,7 +182,8 @@ class GradientOps:
         if run is not None:
             raise NonFiniteError(
                 f"steps {run[0][0]}-{run[-1][0]}: non-finite gradients in {len(run)} consecutive steps, each "
-                f"skipped on the device (max_non_finite_grad_retries={self.max_non_finite_grad_retries}); "
+                f"skipped on the device (max_non_finite_grad_retries={self.max_non_finite_grad_retries}"
+                f"{f', plus {_MAX_SCALER_BACKOFFS} scaler back-offs' if self.grad_scaler is not None else ''}); "
                 f"skipped batches {[b for _, positions in run for b in positions]}")
 
     def _zero_grad(self) -> None:

@@ -172,3 +172,28 @@ def test_without_any_reading_hook_flags_are_read_at_the_end_of_training():
     with pytest.raises(NonFiniteError, match=r"^steps 3-3: "):
         t.train()
     assert t.step == 6 and t._pending_flags == []
+
+
+def test_an_fp16_overflow_on_a_quiet_step_backs_off_on_the_device(monkeypatch):
+    """The GradScaler path (CPU scaler, fused AdamW): the overflow is skipped by the scaler's own
+    found_inf, the scale is lowered on the device, and nothing is read."""
+
+    class Scaled(FusedToy):
+        def build_grad_scaler(self):
+            return torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+
+    keep = Keep()
+    t = Scaled(max_steps=3, device="cpu", hooks=[keep])
+    t._build()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    counter = ReadCounter(monkeypatch)
+    t.hooks = [Marker(counter), keep]
+    t._index_hooks()
+    t.train()
+    monkeypatch.undo()
+    # Step 2 reads nothing; after step 3 the end of training reads the three flags (one read).
+    assert counter.reads.get(2, []) == [] and [r.split(":")[0] for r in counter.reads[3]] == ["tolist at engine.py"]
+    assert [float(i["found_inf"]) for i in keep.infos] == [1.0, 0.0, 0.0]
+    assert t.grad_scaler.get_scale() == pytest.approx(2.0**27)
+    assert t.step == 3 and float(t._inner_optimizer.state_dict()["state"][0]["step"]) == 2.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
