@@ -42,6 +42,9 @@ class BaseHook:
                             loss, records = trainer.forward(batch)
                         backward(loss / number of micro-batches)
                     grad_norm = clip (or measure) gradients      # step_info["grad_norm"]
+                    if no hook reads_step(trainer, step + 1) and the optimizer takes found_inf:
+                        found_inf stays on the device; break     # step_info["found_inf"]; the
+                                                                 # optimizer skips it there if set
                     every rank agrees: all gradients finite?     # one collective per step
                     if finite: break
                     zero gradients; record the skipped batches   # step_info["skipped_batches"]
