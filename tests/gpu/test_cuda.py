@@ -85,23 +85,25 @@ def test_grad_scaler_overflow_backs_off_and_redoes_the_step_in_place():
     """A read step (LoggingHook every step): the overflow is found on the host, the scale is
     lowered and the same step redone with the next batch, spending no retry."""
     keep = Keep()
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**127, backoff_factor=2.0**-100)
+    # 2**40 overflows fp16 on the first backward; backed off once, 2**10 fits fp16 gradients.
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-30)
     t = CudaToy(max_steps=3, mixed_precision="fp16", device="cuda", scaler=scaler,
                 hooks=[keep, LoggingHook(interval=1, tensorboard=False, jsonl=False)])
     t.train()
     assert t.step == 3
     assert keep.infos[0]["skipped_batches"] == [0] and keep.infos[0]["non_finite_retries"] == 0
     assert keep.infos[0]["batches"] == [1]
-    assert t.grad_scaler.get_scale() == pytest.approx(2.0**27)
+    assert t.grad_scaler.get_scale() == pytest.approx(2.0**10)
 
 
 def test_grad_scaler_overflow_on_a_quiet_step_is_skipped_on_the_device():
     keep = Keep()
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**127, backoff_factor=2.0**-100)
+    # 2**40 overflows fp16 on the first backward; backed off once, 2**10 fits fp16 gradients.
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-30)
     t = CudaToy(max_steps=3, mixed_precision="fp16", device="cuda", scaler=scaler, hooks=[keep])
     t.train()
     assert [float(i["found_inf"]) for i in keep.infos] == [1.0, 0.0, 0.0]
-    assert t.grad_scaler.get_scale() == pytest.approx(2.0**27)
+    assert t.grad_scaler.get_scale() == pytest.approx(2.0**10)
     assert float(t._inner_optimizer.state_dict()["state"][0]["step"]) == 2.0
 
 

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, free_port
 SCRIPT = ROOT / "tests" / "gpu" / "scripts" / "engine_check.py"
 
 
-def _run(mode: str, out, env: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def _run(mode: str, out, env: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], capture_output=True, text=True, cwd=ROOT,
                           env=full_env, timeout=600)
