@@ -82,8 +82,9 @@ def run_pytest(budget: Budget, tmp: Path, in_process: bool = False) -> dict[str,
             os.chdir(cwd)
     else:
         try:
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
             proc = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                  text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
         except subprocess.TimeoutExpired:
             return {"status": "failed", "reason": f"pytest -m gpu ran past {timeout:.0f} s"}
         exit_code, output = proc.returncode, proc.stdout[-500:] + proc.stderr[-500:]
@@ -338,28 +339,21 @@ def checkpoint_block(trainer, tmp: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 def plan(cpu_smoke: bool, cuda: bool, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """The throughput rows, the sync-count run, and what is skipped before starting."""
-    skipped = []
-    if cpu_smoke:
-        tiny = ["--d_model", "32", "--n_heads", "2", "--n_layers", "2", "--d_ff", "64", "--vocab_size", "300",
-                "--dataset", str(_corpus(tmp)), "--warmup_steps", "2"]
-        base = {"preset": "tiny", "seq_len": 32, "batch_size": 4, "precision": "no", "extra": tiny,
-                "warmup": 1, "pairs": 2, "chunk": 1}
-        rows = [{**base, "compiled": False}]
-        skipped.append("throughput/compiled: the CPU smoke run skips inductor compilation (minutes on a small CPU)")
-        skipped.append("throughput/124m, 350m: the CPU smoke run measures the tiny preset only")
-        return rows, {**base, "compiled": False}, skipped
-    if not cuda:
-        skipped.append("throughput: no CUDA device (use --cpu-smoke for a CPU run of the same code)")
-        skipped.append("checkpoint: no CUDA device")
-        tiny = {"preset": "tiny", "seq_len": 128, "batch_size": 8, "precision": "no", "compiled": False}
-        return [], tiny, skipped
-    rows = []
-    for preset, batch in (("124m", 16), ("350m", 8)):
-        for compiled in (False, True):
-            rows.append({"preset": preset, "seq_len": 1024, "batch_size": batch, "precision": "bf16",
-                         "compiled": compiled, "warmup": 8, "pairs": 10, "chunk": 4})
-    syncs = {"preset": "124m", "seq_len": 1024, "batch_size": 16, "precision": "bf16", "compiled": False}
-    return rows, syncs, skipped
+    if cuda:
+        rows = [{"preset": preset, "seq_len": 1024, "batch_size": batch, "precision": "bf16", "compiled": compiled,
+                 "warmup": 8, "pairs": 10, "chunk": 4}
+                for preset, batch in (("124m", 16), ("350m", 8)) for compiled in (False, True)]
+        syncs = {"preset": "124m", "seq_len": 1024, "batch_size": 16, "precision": "bf16", "compiled": False}
+        return rows, syncs, []
+    tiny = ["--d_model", "32", "--n_heads", "2", "--n_layers", "2", "--d_ff", "64", "--vocab_size", "300",
+            "--dataset", str(_corpus(tmp)), "--warmup_steps", "2"]
+    base = {"preset": "tiny", "seq_len": 32, "batch_size": 4, "precision": "no", "compiled": False, "extra": tiny,
+            "warmup": 1, "pairs": 2, "chunk": 1}
+    if not cpu_smoke:
+        return [], base, ["throughput: no CUDA device (--cpu-smoke runs the same code on the tiny preset)",
+                          "checkpoint: no CUDA device"]
+    return [base], base, ["throughput/compiled: the CPU smoke run skips inductor compilation (minutes on a small CPU)",
+                          "throughput/124m, 350m: the CPU smoke run measures the tiny preset only"]
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ SCRIPT = ROOT / "tests" / "gpu" / "scripts" / "engine_check.py"
 
 
 def _run(mode: str, out, env: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the wheels' folder too
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     proc = subprocess.run([sys.executable, str(SCRIPT), mode, str(out)], capture_output=True, text=True, cwd=ROOT,
                           env=full_env, timeout=600)
     assert proc.returncode == 0, f"{mode} exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
