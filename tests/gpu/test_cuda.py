@@ -31,7 +31,10 @@ class CudaToy(BaseTrainer):
 
     def build_model(self):
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(64, 1)).to(self.device)
+        model = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(64, 1)).to(self.device)
+        # Seen from inside the root module's forward, so FSDP's and DeepSpeed's wrappers run as usual.
+        model[0].register_forward_hook(lambda module, args, out: self.compute_dtypes.append(out.dtype))
+        return model
 
     def build_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=1e-2, fused=self.fused)
@@ -47,10 +50,7 @@ class CudaToy(BaseTrainer):
 
     def forward(self, input):
         x, y = input
-        hidden = self.unwrapped_model[0](x)
-        self.compute_dtypes.append(hidden.dtype)
-        pred = self.unwrapped_model[1:](hidden)
-        loss = nn.functional.mse_loss(pred.float(), y)
+        loss = nn.functional.mse_loss(self.model(x).float(), y)
         if self.seen in self.nan_at:
             loss = loss * float("nan")
         self.seen += 1
