@@ -197,3 +197,26 @@ def test_an_fp16_overflow_on_a_quiet_step_backs_off_on_the_device(monkeypatch):
     assert t.grad_scaler.get_scale() == pytest.approx(2.0**27)
     assert t.step == 3 and float(t._inner_optimizer.state_dict()["state"][0]["step"]) == 2.0
     assert not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+
+
+def test_which_steps_are_quiet_follows_the_hooks():
+    from acceltrain import EmaHook, GuardHook
+
+    t = FusedToy(max_steps=10, device="cpu")
+    t._build()
+    cases = [([LoggingHook(interval=4), ProgressHook(interval=3, bar=False)], [1, 2, 5, 7]),
+             ([EmaHook(), CudaMaxMemoryHook(), ThroughputHook(tokens_per_step=1)], list(range(1, 11))),
+             ([GuardHook(), LoggingHook(interval=4)], [])]  # the guard reads the loss every step
+    for hooks, quiet in cases:
+        t.hooks = hooks
+        t._index_hooks()
+        seen = []
+        for done in range(10):
+            t.step = done
+            if t._quiet():
+                seen.append(done + 1)
+        assert seen == quiet, [type(h).__name__ for h in hooks]
+    t.hooks, t.step = [], 0
+    t._index_hooks()
+    t._pending_flags = [(s, [], torch.zeros(())) for s in range(100)]
+    assert not t._quiet()  # at most 100 steps go unread
