@@ -5,6 +5,7 @@ the lead read. No timing is asserted (the machine may be loaded); the run takes 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,10 +21,9 @@ _WITHOUT = ("import runpy, sys\n"
 
 def test_cpu_smoke_runs_end_to_end_without_datasets_or_deepspeed_and_writes_the_schema(tmp_path):
     out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELTRAIN_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", _WITHOUT, "--cpu-smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                                             "OMP_NUM_THREADS": "1",
-                                                                             "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     result = json.loads(out.read_text())
     assert result["schema"] == 1 and result["mode"] == "cpu-smoke" and result["device"] == "cpu"
