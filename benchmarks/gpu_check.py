@@ -404,7 +404,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
-    ap.add_argument("--budget_s", type=float, default=450.0, help="skip parts that would end past this")
+    ap.add_argument("--budget_s", type=float, default=420.0, help="skip parts that would end past this")
     ap.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true",
                     help="run everything that applies on the CPU, tiny and quick (the CI test of this script)")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="parts not to run")
@@ -417,7 +417,13 @@ def main() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     result: dict[str, Any] = {"schema": SCHEMA, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
                               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "machine": machine_info(),
-                              "targets_wanted": TARGETS, "skipped": []}
+                              "targets_wanted": TARGETS, "skipped": [], "complete": False}
+
+    def save() -> None:  # after every part: a run stopped by its timeout still leaves what it measured
+        result["seconds"] = time.monotonic() - started
+        result["targets"] = targets(result)
+        write_json(args.out, _finite(result))
+
     if not cuda and not args.cpu_smoke:
         result["skipped"].append("no CUDA device: the CUDA parts are skipped")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -430,8 +436,10 @@ def main() -> int:
 
         if "pytest_gpu" not in args.skip:
             result["pytest_gpu"] = run_pytest(budget, tmp, in_process=args.cpu_smoke)
+            save()
         if "host_syncs" not in args.skip:
             result["host_syncs"] = host_syncs(sync_spec, tmp)
+            save()
         from acceltrain.models import device_peak_flops
 
         peaks = {"datasheet": device_peak_flops(device, torch.bfloat16) if cuda else None,
@@ -455,12 +463,13 @@ def main() -> int:
                 else:
                     row = ab_row(spec, tmp, peaks)
                 done.append(row)
+                result["throughput"] = {"status": "ran", "rows": done}
+                save()
             result["throughput"] = {"status": "ran" if done else "skipped", "rows": done}
         if not result["checkpoint"]:
             result["checkpoint"] = {"status": "skipped", "reason": "no throughput row ran"}
-    result["seconds"] = time.monotonic() - started
-    result["targets"] = targets(result)
-    write_json(args.out, _finite(result))
+    result["complete"] = True
+    save()
     print_table(result)
     print(f"wrote {args.out}")
     tests = result["pytest_gpu"]

@@ -26,7 +26,7 @@ def test_cpu_smoke_runs_end_to_end_without_datasets_or_deepspeed_and_writes_the_
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     result = json.loads(out.read_text())
-    assert result["schema"] == 1 and result["mode"] == "cpu-smoke" and result["device"] == "cpu"
+    assert result["schema"] == 1 and result["mode"] == "cpu-smoke" and result["device"] == "cpu" and result["complete"]
     assert set(result) >= {"machine", "pytest_gpu", "throughput", "host_syncs", "checkpoint", "targets", "skipped",
                            "peak_flops", "seconds", "targets_wanted"}
     tests = result["pytest_gpu"]
