@@ -17,6 +17,9 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 # Distributed types where gradients are plain tensors and torch's own clipping is exact.
 PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# Device-side finiteness flags are read on the host at least this often, even when no hook
+# reads a step: a run gone non-finite is then reported within this many steps.
+_MAX_DEFERRED_STEPS = 100
 
 
 class GradientOps:
@@ -139,6 +142,13 @@ class GradientOps:
         torch.distributed.all_reduce(flags)  # SUM: gloo has no AVG
         bad, total, stop = flags.tolist()
         return bad == 0, int(total), stop > 0
+
+    def _quiet(self) -> bool:
+        """Whether the coming step may keep its finite flag on the device (no hook reads it)."""
+        if not self._defer or self._reads_every_step or len(self._pending_flags) >= _MAX_DEFERRED_STEPS:
+            return False
+        step = self.step + 1
+        return not any(h.reads_step(self, step) for h in self._step_readers)
 
     def _settle_pending(self) -> None:
         """Read the quiet steps' device-side finite flags now (one host read), if any."""

@@ -32,9 +32,6 @@ __all__ = ["BaseTrainer", "NonFiniteError"]
 # The fp16 scaler halves its scale on every overflow; past this many overflows in a row the
 # scale is below 2**-48 and the model, not the scale, is the problem.
 _MAX_SCALER_BACKOFFS = 64
-# Device-side finiteness flags are read on the host at least this often, even when no hook
-# reads a step: a run gone non-finite is then reported within this many steps.
-_MAX_DEFERRED_STEPS = 100
 
 
 class NonFiniteError(RuntimeError):
@@ -510,13 +507,6 @@ class BaseTrainer(GradientOps):
         self._step_readers = [h for h in self.hooks if type(h).reads_step is not BaseHook.reads_step]
         self._reads_every_step = any(BaseHook.reads_step(h, self, 0) for h in self.hooks
                                      if type(h).reads_step is BaseHook.reads_step)
-
-    def _quiet(self) -> bool:
-        """Whether the coming step may keep its finite flag on the device (no hook reads it)."""
-        if not self._defer or self._reads_every_step or len(self._pending_flags) >= _MAX_DEFERRED_STEPS:
-            return False
-        step = self.step + 1
-        return not any(h.reads_step(self, step) for h in self._step_readers)
 
     def _require_built(self, what: str) -> None:
         if not self._built:
