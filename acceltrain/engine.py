@@ -19,6 +19,9 @@ from .watchdog import start_launcher_watchdog
 
 # Distributed types where gradients are plain tensors and torch's own clipping is exact.
 PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+# Device-side finiteness flags are read on the host at least this often, even when no hook
+# reads a step: a run gone non-finite is then reported within this many steps.
+_MAX_DEFERRED_STEPS = 100
 
 
 def reset_accelerate_state(*, cpu: bool) -> None:
@@ -153,6 +156,11 @@ class GradientOps:
     def _agree(self, grad_norm: torch.Tensor, contributed: int) -> tuple[bool, int, bool]:
         """One collective per step: (all finite?, micro-batches with a loss, anyone stopping?)."""
         if not self._sync_needed:
+            if self._pending_flags:  # one read for this step's norm and the quiet steps' flags
+                values = torch.stack([grad_norm.detach().reshape(()).float(),
+                                      *(flag for _, _, flag in self._pending_flags)]).tolist()
+                self._settle(values[1:])
+                return math.isfinite(values[0]), contributed, self._stop_local
             return math.isfinite(grad_norm.item()), contributed, self._stop_local
         if self._agreement is not None:
             # The gradients were reduced across ranks, so finiteness is the same everywhere.
@@ -172,14 +180,79 @@ class GradientOps:
         bad, total, stop = flags.tolist()
         return bad == 0, int(total), stop > 0
 
+    def _quiet(self) -> bool:
+        """Whether the coming step may keep its finite flag on the device (no hook reads it)."""
+        if not self._defer or self._reads_every_step or len(self._pending_flags) >= _MAX_DEFERRED_STEPS:
+            return False
+        step = self.step + 1
+        return not any(h.reads_step(self, step) for h in self._step_readers)
+
+    def _settle_pending(self) -> None:
+        """Read the quiet steps' device-side finite flags now (one host read), if any."""
+        if self._pending_flags:
+            self._settle(torch.stack([flag for _, _, flag in self._pending_flags]).tolist())
+
+    def _settle(self, flags: list[float]) -> None:
+        """Account for the quiet steps whose flags were just read: warn about the ones the
+        optimizer skipped on the device, and raise once more than ``max_non_finite_grad_retries``
+        of them came in a row (each was already "retried" by the next step's fresh batches)."""
+        from .trainer import _MAX_SCALER_BACKOFFS, NonFiniteError
+
+        # An fp16 overflow is the scaler's routine (it lowered the scale on the device), not a
+        # fault: as on the host path, that many in a row spend no retry.
+        allowed = self.max_non_finite_grad_retries + (_MAX_SCALER_BACKOFFS if self.grad_scaler is not None else 0)
+        pending, self._pending_flags = self._pending_flags, []
+        steps: list[int] = []
+        batches: list[int] = []
+        too_long: list[tuple[int, list[int]]] | None = None  # the first run past the retries, in full
+        for (step, positions, _), flag in zip(pending, flags, strict=True):
+            if flag:
+                steps.append(step)
+                batches.extend(positions)
+                self._deferred_run.append((step, positions))
+                if too_long is None and len(self._deferred_run) > allowed:
+                    too_long = self._deferred_run
+            else:
+                self._deferred_run = []
+        if not steps:
+            return
+        if self.grad_scaler is None:
+            self.logger.warning("steps %s: non-finite gradients, the update was skipped on the device (batches %s)",
+                                steps, batches)
+        else:
+            self.logger.info("steps %s: fp16 overflow or non-finite gradients, the update was skipped and the "
+                             "scale lowered on the device (batches %s)", steps, batches)
+        if self._settled is not None:
+            steps, batches = self._settled[0] + steps, self._settled[1] + batches
+        self._settled = (steps, batches)
+        run = too_long
+        if run is not None:
+            raise NonFiniteError(
+                f"steps {run[0][0]}-{run[-1][0]}: non-finite gradients in {len(run)} consecutive steps, each "
+                f"skipped on the device (max_non_finite_grad_retries={self.max_non_finite_grad_retries}"
+                f"{f', plus {_MAX_SCALER_BACKOFFS} scaler back-offs' if self.grad_scaler is not None else ''}); "
+                f"skipped batches {[b for _, positions in run for b in positions]}")
+
     def _zero_grad(self) -> None:
         self._inner_optimizer.zero_grad(set_to_none=True)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, found_inf: torch.Tensor | None = None) -> None:
+        """Apply the update; with ``found_inf`` (a 0-dim device flag, quiet steps only) the
+        optimizer's fused kernel skips it on the device when the flag is set."""
         if not self._fast_path:
             self.optimizer.step()
         elif self.grad_scaler is not None:
+            # With a fused optimizer the scaler passes its own found_inf (from unscale_) to the
+            # kernel: no host read; otherwise it reads found_inf to decide (one sync).
             self.grad_scaler.step(self._inner_optimizer)
             self.grad_scaler.update()
+        elif found_inf is not None:
+            opt = self._inner_optimizer
+            # The attributes torch's fused Adam/AdamW/SGD/Adagrad read (what GradScaler sets).
+            opt.grad_scale, opt.found_inf = None, found_inf
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale, opt.found_inf
         else:
             self._inner_optimizer.step()

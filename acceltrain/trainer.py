@@ -46,6 +46,31 @@ class BaseTrainer(GradientOps):
     ``forward``; optionally ``build_lr_scheduler``, ``build_grad_scaler`` and ``build_hooks``.
     One step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
 
+    Host syncs: a step reads nothing from the device on the host unless some hook reads it
+    (``BaseHook.reads_step``: a logging hook on its logging steps, a hook that inspects the
+    update in ``on_before_optimizer_step`` on every step). The non-finite check then works as
+    follows (``defer_non_finite``):
+
+    - On a step some hook reads (and wherever deferral does not apply) the finite flag is read
+      on the host (one read, together with the flags of earlier quiet steps): a non-finite
+      attempt is discarded and redone with fresh micro-batches, neither the step counter nor
+      the scheduler advances, and ``step_info["non_finite_retries"]``/``["skipped_batches"]``
+      say so; an fp16 overflow lowers the scale and redoes the step without spending a retry.
+    - On a *quiet* step (no hook reads it, one process, plain gradients, and an optimizer
+      that takes ``found_inf``: torch's fused Adam, AdamW, SGD, Adagrad) the flag stays on the
+      device: ``found_inf = not isfinite(grad_norm)`` goes to the fused kernel (or to the
+      GradScaler's own found_inf path), which leaves weights, moments and the optimizer's step
+      count untouched when it is set, as ``torch.amp`` does. The host cannot know, so such a
+      skipped step still counts: ``trainer.step`` and the scheduler advance and the next step
+      draws fresh batches, which is the retry. ``step_info["found_inf"]`` holds the device flag.
+      The flags are read at the next step a hook reads (at the latest every 100 steps, at the
+      end of training and in ``state_dict()``): skipped steps are logged as a warning and
+      reported in that step's ``step_info["skipped_steps"]``/``["skipped_batches"]``, and more
+      than ``max_non_finite_grad_retries`` skipped steps in a row raise ``NonFiniteError``
+      naming them.
+    - Several processes (DDP, FSDP, DeepSpeed) read the per-step agreement on the host (one
+      read per step): it carries stop requests and loss counts the host needs at once.
+
     Args:
         max_steps: Number of optimizer updates to train for.
         grad_clip: Clip the global gradient norm to this value (through Accelerate, so it is
@@ -69,6 +94,8 @@ class BaseTrainer(GradientOps):
         collective_timeout: Seconds a collective in the step loop may wait for its peers before
             it raises (multi-process runs; ``None`` keeps the process group's own, 10-30 min).
             Setup (data preparation on one rank, checkpoint loading) keeps the longer one.
+        defer_non_finite: Keep the finite flag on the device on quiet steps (see "Host syncs"
+            above); ``False`` reads it on the host every step and always redoes a bad step in place.
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -102,6 +129,7 @@ class BaseTrainer(GradientOps):
         accelerator_kwargs: dict[str, Any] | None = None,
         data_seed: int | None = None,
         collective_timeout: float | None = 60.0,
+        defer_non_finite: bool = True,
     ) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
@@ -159,6 +187,11 @@ class BaseTrainer(GradientOps):
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
         self._data: DataStream | None = None
+        self.defer_non_finite = bool(defer_non_finite)
+        # (step, batch positions, device flag) of quiet steps whose finiteness the host has not read.
+        self._pending_flags: list[tuple[int, list[int], torch.Tensor]] = []
+        self._deferred_run: list[tuple[int, list[int]]] = []  # consecutive device-side skips so far
+        self._settled: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ build contract
     def build_data_loader(self) -> Iterable:
@@ -236,6 +269,7 @@ class BaseTrainer(GradientOps):
                 while self.step < self.max_steps and not self.should_stop:
                     self._run_step()
                 in_loop = False
+            self._settle_pending()  # device-side skips are reported (or raise) before the run ends
             self._call_hook("on_after_train")
             finished = True
         finally:
@@ -269,6 +303,7 @@ class BaseTrainer(GradientOps):
         optimizer, and checkpoints save the engine's partitions themselves
         (``acceltrain.checkpoint_deepspeed``)."""
         self._require_built("state_dict()")
+        self._settle_pending()  # a checkpoint carries no unread finiteness flags
         if self._deepspeed:
             model_sd = optim_sd = None
         else:
@@ -464,6 +499,10 @@ class BaseTrainer(GradientOps):
         self._agree_early = self._sync_needed and (
             self._deepspeed or not self._fast_path or ddp and not self.model.parameters_to_ignore)
         self._agreement: tuple[torch.Tensor, Any] | None = None
+        # Quiet steps keep the finite flag on the device: only where the optimizer itself can
+        # skip an update from a device flag (found_inf) and no other rank needs the answer.
+        self._defer = (self.defer_non_finite and self._fast_path and not self._sync_needed
+                       and bool(getattr(self._inner_optimizer, "_step_supports_amp_scaling", False)))
 
         self.hooks = list(self.build_hooks() or [])
         for hook in self.hooks:
@@ -483,6 +522,10 @@ class BaseTrainer(GradientOps):
             name: [h for h in self.hooks if getattr(type(h), name) is not getattr(BaseHook, name)]
             for name in EVENTS
         }
+        # BaseHook.reads_step depends only on the class: decided once, not asked every step.
+        self._step_readers = [h for h in self.hooks if type(h).reads_step is not BaseHook.reads_step]
+        self._reads_every_step = any(BaseHook.reads_step(h, self, 0) for h in self.hooks
+                                     if type(h).reads_step is BaseHook.reads_step)
 
     def _require_built(self, what: str) -> None:
         if not self._built:
@@ -593,6 +636,9 @@ class BaseTrainer(GradientOps):
         retries = backoffs = 0
         skipped: list[int] = []
         data_time = 0.0
+        quiet = self._quiet()
+        found_inf: torch.Tensor | None = None
+        self._settled = None
         while True:
             loss_sum, contributed, records, positions, dt = self._micro_steps()
             data_time += dt
@@ -600,6 +646,11 @@ class BaseTrainer(GradientOps):
                 self.request_stop("data exhausted")
                 return
             grad_norm = self._deepspeed_step() if self._deepspeed else self._grad_norm()
+            if quiet and contributed:
+                # Decided on the device: the optimizer skips the update itself if this is set.
+                found_inf = (~torch.isfinite(grad_norm.detach())).to(torch.float32).reshape(())
+                total = contributed  # one process: nothing to agree on
+                break
             finite, total, stop = self._agree(grad_norm, contributed)
             if stop:
                 self.should_stop = True
@@ -650,6 +701,8 @@ class BaseTrainer(GradientOps):
         info["loss"] = loss_sum if self._items_mode or contributed == 1 else loss_sum / contributed
         info["grad_norm"] = grad_norm
         info["batches"] = positions
+        if found_inf is not None:
+            info["found_inf"] = found_inf
         self._skip_reason = None
         self._call_hook("on_before_optimizer_step")
         if self._skip_reason is not None:  # a hook vetoed this update (e.g. a loss spike)
@@ -658,7 +711,7 @@ class BaseTrainer(GradientOps):
             self._zero_grad()
             return
         if not self._deepspeed:  # the engine applied the update in _deepspeed_step
-            self._optimizer_step()
+            self._optimizer_step(found_inf)
         if self._inner_scheduler is not None:
             self._inner_scheduler.step()
         self._zero_grad()
@@ -667,6 +720,14 @@ class BaseTrainer(GradientOps):
             self.request_stop("data exhausted")
         info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
         info["records"] = (records[0] if len(records) == 1 else _mean_records(records)) if records else {}
+        if found_inf is not None:
+            self._pending_flags.append((self.step, positions, found_inf))
+        else:  # decided on the host: finite (or redone until it was)
+            self._deferred_run = []
+        if self._settled is not None:  # device-side skips of earlier steps, read during this one
+            info["skipped_steps"] = self._settled[0]
+            skipped = self._settled[1] + skipped
+            self._settled = None
         info["non_finite_retries"] = retries
         info["skipped_batches"] = skipped
         info["data_time"] = data_time

@@ -35,7 +35,15 @@ from acceltrain.data import (
     train_bpe_tokenizer,
     train_val_split,
 )
-from acceltrain.models import PRESETS, ModelConfig, build_model, device_peak_flops, flops_per_token, preset
+from acceltrain.models import (
+    PRESETS,
+    ModelConfig,
+    build_model,
+    compile_blocks,
+    device_peak_flops,
+    flops_per_token,
+    preset,
+)
 from acceltrain.recipe_kit import (
     RecipeTrainer,
     TrackingFields,
@@ -84,7 +92,7 @@ class PretrainConfig(TrackingFields):
     grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip"})
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
         "help": "auto: bf16 on GPUs that support it, fp32 on CPU"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (regional compilation)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
     eval_interval: int = field(default=100, metadata={"help": "Steps between evaluations (and at the end)"})
     log_interval: int = field(default=10, metadata={"help": "Steps between progress lines and log records"})
@@ -172,7 +180,8 @@ class PretrainTrainer(RecipeTrainer):
 
     def build_data_loader(self):
         return torch.utils.data.DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
-                                           drop_last=True, num_workers=self.cfg.num_workers)
+                                           drop_last=True, num_workers=self.cfg.num_workers,
+                                           pin_memory=self.device.type == "cuda")  # copied non-blocking
 
     def build_eval_data_loader(self):
         return torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg.batch_size)
@@ -184,7 +193,11 @@ class PretrainTrainer(RecipeTrainer):
         self.n_params = count_parameters(model)
         self.flops_per_token = flops_per_token(model, self.model_cfg.n_layers, self.model_cfg.d_model, self.cfg.seq_len)
         model = model.to(self.device)
-        return torch.compile(model) if self.cfg.compile else model
+        if self.cfg.compile and self.accelerator.is_main_process:
+            print(f"pretrain: compiled {compile_blocks(model)} transformer blocks (regional torch.compile)", flush=True)
+        elif self.cfg.compile:
+            compile_blocks(model)
+        return model
 
     def build_hooks(self):
         cfg = self.cfg

@@ -42,6 +42,9 @@ class BaseHook:
                             loss, records = trainer.forward(batch)
                         backward(loss / number of micro-batches)
                     grad_norm = clip (or measure) gradients      # step_info["grad_norm"]
+                    if no hook reads_step(trainer, step + 1) and the optimizer takes found_inf:
+                        found_inf stays on the device; break     # step_info["found_inf"]; the
+                                                                 # optimizer skips it there if set
                     every rank agrees: all gradients finite?     # one collective per step
                     if finite: break
                     zero gradients; record the skipped batches   # step_info["skipped_batches"]
@@ -99,6 +102,21 @@ class BaseHook:
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         """After the optimizer and scheduler stepped; ``trainer.step_info`` is complete."""
+
+    def reads_step(self, trainer: BaseTrainer, step: int) -> bool:
+        """Whether this hook needs the step's outcome settled on the host at step ``step`` (the
+        number the step will have once done; asked before its optimizer update).
+
+        On a step that no hook reads, the trainer decides finiteness on the device and skips a
+        non-finite update there (see ``BaseTrainer``: "Host syncs"); on a step some hook reads, it
+        reads the flag and redoes a non-finite step in place. A hook that logs on an interval
+        returns True on its logging steps only. The default: True for a hook that overrides
+        ``on_before_optimizer_step`` or ``on_non_finite`` (it inspects or steers the update),
+        False otherwise (reading ``step_info`` tensors in ``on_after_step`` is the hook's own sync).
+        """
+        cls = type(self)
+        return (cls.on_before_optimizer_step is not BaseHook.on_before_optimizer_step
+                or cls.on_non_finite is not BaseHook.on_non_finite)
 
     def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
         """When ``trainer.log(records)`` is called (LoggingHook does, every ``interval`` steps)."""

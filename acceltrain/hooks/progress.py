@@ -86,6 +86,9 @@ class ProgressHook(BaseHook):
             )
         self._warm_time, self._warm_step = None, trainer.step
 
+    def reads_step(self, trainer: BaseTrainer, step: int) -> bool:
+        return step % self.interval == 0 or step >= trainer.max_steps
+
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
         figures = step_figures(info)

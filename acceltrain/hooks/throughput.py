@@ -14,7 +14,9 @@ class ThroughputHook(BaseHook):
     """Put ``tokens_per_s`` (all ranks together) and ``mfu`` in ``trainer.step_info`` every step.
 
     Both come from the trainer's measured step time and host-side numbers only, so they cost
-    no device sync. MFU is ``tokens_per_s * flops_per_token / (peak_flops * world_size)``;
+    no device sync. On a GPU a step that does not sync is timed as the host sees it; averaged
+    over a logging interval that equals the device's pace (the host cannot run further ahead
+    than the launch queue allows), but single steps may read high or low. MFU is ``tokens_per_s * flops_per_token / (peak_flops * world_size)``;
     with ``peak_flops=None`` (an unknown device) only tokens/s is reported.
 
     Args:

@@ -7,6 +7,7 @@ Example:
     >>> fpt = flops_per_token(model, cfg.n_layers, cfg.d_model, cfg.max_seq_len)
 """
 
+from .compile import compile_blocks, transformer_blocks
 from .flops import (
     GPU_PEAK_FLOPS,
     device_peak_flops,
@@ -26,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "build_config",
     "build_model",
+    "compile_blocks",
     "device_peak_flops",
     "flops_per_token",
     "gpu_peak_flops",
@@ -33,4 +35,5 @@ __all__ = [
     "mfu",
     "non_embedding_params",
     "preset",
+    "transformer_blocks",
 ]

@@ -230,3 +230,28 @@ def test_device_peak_flops():
     assert 1e8 < cpu < 1e14
     assert device_peak_flops(torch.device("cpu"), torch.float32) == cpu  # measured once, cached
     assert device_peak_flops("meta") is None
+
+
+def test_compile_blocks_compiles_each_transformer_block_in_place_keeping_keys(arch="llama"):
+    from acceltrain.models import build_model, compile_blocks, preset, transformer_blocks
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", arch=arch, vocab_size=300, n_layers=2, d_model=32, n_heads=2, d_ff=64, max_seq_len=16)
+    model = build_model(cfg)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    eager = model(input_ids=ids, labels=ids).loss
+    keys = list(model.state_dict())
+    # backend="eager": dynamo traces each block (the part that can break) without inductor's compile time.
+    assert compile_blocks(model, backend="eager") == 2
+    blocks = transformer_blocks(model)
+    assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 2
+    assert all(b._compiled_call_impl is not None for b in blocks) and model._compiled_call_impl is None
+    assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints and exports unchanged
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, eager, atol=0, rtol=0)
+
+
+def test_compile_blocks_without_named_blocks_compiles_the_whole_model():
+    from acceltrain.models import compile_blocks
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert compile_blocks(model, backend="eager") == 0 and model._compiled_call_impl is not None
