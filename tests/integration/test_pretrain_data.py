@@ -1,0 +1,78 @@
+"""Pretraining data at scale, across processes: kill -9 mid-tokenization, peak memory, exact resume of a mixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+INGEST = Path(__file__).parent / "scripts" / "ingest_run.py"
+
+
+def ingest_run(*args: str, timeout: float = 300) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(INGEST), *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
+    from tests.integration.scripts.ingest_run import make_corpus
+
+    make_corpus(path, 6)
+    return path
+
+
+def test_kill_9_mid_tokenization_then_rerun_rebuilds_and_never_trusts_a_torn_shard(corpus, tmp_path):
+    clean = ingest_run(str(corpus), str(tmp_path / "clean"), "--workers", "2", "--shard-bytes", "500000")
+    assert clean["shards"] >= 6 and not clean["from_cache"]
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(INGEST), str(corpus), str(cache), "--workers", "2",
+                             "--shard-bytes", "500000", "--pause-after-shard", "3"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not (cache / "PAUSED").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run never reached shard 3"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: the main process and its tokenizer workers
+    proc.wait()
+    leftovers = [p for p in cache.iterdir() if p.name != "PAUSED"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".") and ".tmp-" in leftovers[0].name
+    assert not (leftovers[0] / "manifest.json").exists()
+    assert (leftovers[0] / "shard-000003.json").exists()  # complete shards were there: still not trusted
+
+    again = ingest_run(str(corpus), str(cache), "--workers", "2", "--shard-bytes", "500000")
+    assert not again["from_cache"] and again["tokens"] == clean["tokens"]
+    assert not leftovers[0].exists()  # the dead run's folder was removed
+    for name in sorted(os.listdir(clean["root"])):
+        assert (Path(again["root"]) / name).read_bytes() == (Path(clean["root"]) / name).read_bytes(), name
+    third = ingest_run(str(corpus), str(cache), "--workers", "2", "--shard-bytes", "500000")
+    assert third["from_cache"]
+
+
+def test_peak_memory_stays_under_a_cap_a_quarter_of_the_corpus(tmp_path):
+    """The cap: this process's RSS once imports and the tokenizer are loaded, plus a quarter of the
+    corpus. Streaming stays under it; reading the corpus into a list (the old path) does not."""
+    path = tmp_path / "big.jsonl"
+    streamed = ingest_run(str(path), str(tmp_path / "cache"), "--make-mb", "80", "--workers", "1")
+    size_kib = path.stat().st_size // 1024
+    assert size_kib > 75_000
+    cap = streamed["before_kib"] + size_kib // 4
+    assert streamed["tokens"] > 1_000_000 and streamed["shards"] > 50
+    assert streamed["peak_kib"] < cap, (streamed, cap)
+    listed = ingest_run(str(path), str(tmp_path / "cache2"), "--in-memory")
+    assert listed["peak_kib"] > cap, (listed, cap)  # the cap would catch a corpus held in memory
