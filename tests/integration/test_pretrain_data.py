@@ -76,3 +76,53 @@ def test_peak_memory_stays_under_a_cap_a_quarter_of_the_corpus(tmp_path):
     assert streamed["peak_kib"] < cap, (streamed, cap)
     listed = ingest_run(str(path), str(tmp_path / "cache2"), "--in-memory")
     assert listed["peak_kib"] > cap, (listed, cap)  # the cap would catch a corpus held in memory
+
+
+MIXTURE = Path(__file__).parent / "scripts" / "mixture_resume_run.py"
+
+
+def mixture_corpora(folder: Path) -> tuple[Path, Path]:
+    import random
+
+    from tests.integration.scripts.ingest_run import WORDS
+
+    paths = []
+    for name, seed, n in (("code", 1, 300), ("prose", 2, 120)):
+        rng = random.Random(seed)
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS[seed::2]) for _ in range(rng.randint(3, 40)))})
+                                + "\n" for _ in range(n)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.mark.multiproc
+def test_sigterm_on_a_sharded_mixture_with_two_ranks_and_two_workers_resumes_bit_identically(tmp_path):
+    from tests.conftest import torchrun
+    from tests.integration.test_resume import N, assert_identical_end, steps
+
+    code, prose = mixture_corpora(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    torchrun(MIXTURE, str(a), str(code), str(prose), "--max-steps", str(N))
+    proc = torchrun(MIXTURE, str(b), str(code), str(prose), "--max-steps", str(N), "--kill-at", "5", "--kill-rank", "1",
+                    check=False)
+    assert proc.returncode != 0
+    saved = 6  # the signal reached rank 1 after step 5; the ranks agree in step 6 and save it
+    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{saved}"
+    torchrun(MIXTURE, str(b), str(code), str(prose), "--max-steps", str(N))
+    final = torch_load(a / "final_rank0.pt")
+    assert all(n > 1 for n in final["num_shards"])  # both sources really are sharded
+    for rank in (0, 1):
+        assert_identical_end(a, b, saved, rank)
+        sa, sb = steps(a, rank), steps(b, rank)
+        assert all(sb[s]["sources"] == sa[s]["sources"] for s in range(saved + 1, N + 1))
+    drawn = [src for rank in (0, 1) for s in steps(a, rank).values() for src in s["sources"]]
+    assert set(drawn) == {0, 1}  # both sources feed the run
+    s0, s1 = steps(a, 0), steps(a, 1)
+    assert not set(s0[1]["indices"]) & set(s1[1]["indices"])  # the ranks draw disjoint windows
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
