@@ -189,18 +189,23 @@ class PretrainTrainer(RecipeTrainer):
                                             sample_bytes=cfg.tokenizer_sample_bytes)
             trained = None if tokenizer.acceltrain_cache_hit else folder
         workers = cfg.tokenize_workers or default_workers()
+        built: list[ShardedCorpus] = []
         try:
-            corpora = [ingest(src.documents(), tokenizer, cache / "shards", key=key, workers=workers)
-                       for src, key in zip(sources, keys, strict=True)]
-            eval_corpus = None if eval_source is None else ingest(
-                eval_source.documents(), tokenizer, cache / "shards", key=eval_source.key(), workers=workers)
+            for src, key in [*zip(sources, keys, strict=True), *([(eval_source, eval_source.key())] if eval_source else [])]:
+                built.append(ingest(src.documents(), tokenizer, cache / "shards", key=key, workers=workers))
         except DataError:
-            if trained is not None:  # bad input found past the tokenizer's sample: leave no cache entry
+            # Bad input in a later file or source: what this run cached goes too, so no cache entry
+            # is left of a run that failed (the tokenizer trained on the sample, the other sources).
+            if trained is not None:
                 shutil.rmtree(trained, ignore_errors=True)
+            for corpus in built:
+                if not corpus.from_cache:
+                    shutil.rmtree(corpus.root, ignore_errors=True)
             for source in [*sources, eval_source]:
                 if source is not None:
                     source.forget_hashes()
             raise
+        corpora, eval_corpus = built[:len(sources)], (built[-1] if eval_source else None)
         train, val = build_mixture(corpora, seq_len=cfg.seq_len, weights=[s.weight for s in specs],
                                    names=[s.path for s in specs], seed=cfg.seed, val_fraction=cfg.val_fraction,
                                    eval_corpus=eval_corpus)

@@ -60,8 +60,6 @@ def test_kill_9_mid_tokenization_then_rerun_rebuilds_and_never_trusts_a_torn_sha
     assert not leftovers[0].exists()  # the dead run's folder was removed
     for name in sorted(os.listdir(clean["root"])):
         assert (Path(again["root"]) / name).read_bytes() == (Path(clean["root"]) / name).read_bytes(), name
-    third = ingest_run(str(corpus), str(cache), "--workers", "2", "--shard-bytes", "500000")
-    assert third["from_cache"]
 
 
 def test_peak_memory_stays_under_a_cap_a_quarter_of_the_corpus(tmp_path):
