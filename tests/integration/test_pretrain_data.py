@@ -108,6 +108,11 @@ def test_sigterm_on_a_sharded_mixture_with_two_ranks_and_two_workers_resumes_bit
     saved = 6  # the signal reached rank 1 after step 5; the ranks agree in step 6 and save it
     assert (b / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{saved}"
     torchrun(MIXTURE, str(b), str(code), str(prose), "--max-steps", str(N))
+    ingests = {r: [json.loads(x)["from_cache"] for x in (a / f"ingest_rank{r}.jsonl").read_text().splitlines()]
+               for r in (0, 1)}
+    assert ingests == {0: [[False, False]], 1: [[True, True]]}  # tokenized once, by the main process
+    assert [json.loads(x)["from_cache"] for x in (b / "ingest_rank0.jsonl").read_text().splitlines()] == [
+        [False, False], [True, True]]  # the resumed run tokenizes nothing
     final = torch_load(a / "final_rank0.pt")
     assert all(n > 1 for n in final["num_shards"])  # both sources really are sharded
     for rank in (0, 1):

@@ -76,6 +76,9 @@ class MixtureTrainer(BaseTrainer):
                                       shard_bytes=20_000))
         self.mixture, _ = build_mixture(corpora, seq_len=SEQ, weights=[0.7, 0.3], names=["code", "prose"], seed=5)
         self.num_shards = [len(c.shards) for c in corpora]
+        rank = self.accelerator.process_index
+        with open(args.workspace / f"ingest_rank{rank}.jsonl", "a") as f:  # which rank tokenized
+            f.write(json.dumps({"from_cache": [c.from_cache for c in corpora]}) + "\n")
 
     def build_data_loader(self):
         return torch.utils.data.DataLoader(Indexed(self.mixture), batch_size=4, shuffle=True, num_workers=2)
