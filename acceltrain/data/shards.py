@@ -56,7 +56,8 @@ _FORMAT = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 16 << 20
 """Text per shard (UTF-8 bytes; about 4-8 M tokens): the unit of parallel work and of memory."""
-_BATCH_DOCS = 256  # documents per tokenizer call inside a piece: bounds the Encoding objects alive
+_BATCH_DOCS = 256  # documents per tokenizer call inside a piece, and at most
+_BATCH_CHARS = 1 << 20  # this much text: the Encoding objects alive (~100 bytes a token) stay small
 
 
 def default_workers() -> int:
@@ -190,6 +191,19 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str, vocab: int) -> None:
     _WORKER.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype), vocab=vocab)
 
 
+def _batches(docs: list[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) == _BATCH_DOCS or size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _write_shard(index: int, docs: list[str], folder: str) -> dict[str, Any]:
     """Tokenize one piece into ``shard-<index>.bin`` (+ sidecar), atomically. Runs in a worker."""
     tok, eos, dtype = _WORKER["tokenizer"], _WORKER["eos"], _WORKER["dtype"]
@@ -199,8 +213,7 @@ def _write_shard(index: int, docs: list[str], folder: str) -> dict[str, Any]:
     num_tokens = 0
     limit = np.iinfo(dtype).max
     with open(tmp, "wb") as f:
-        for start in range(0, len(docs), _BATCH_DOCS):
-            batch = docs[start:start + _BATCH_DOCS]
+        for batch in _batches(docs):
             ids = [e.ids for e in tok.encode_batch_fast(batch, add_special_tokens=False)]
             count = sum(map(len, ids)) + len(ids)
             flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
