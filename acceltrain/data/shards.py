@@ -15,10 +15,16 @@ format with these guarantees):
 2. the shards are built in a temporary folder ``.<key>.tmp-<pid>``; ``manifest.json`` (every
    shard's size and checksum) is written last in it, and the folder is renamed to ``<key>``.
 
-Only a folder named ``<key>`` with a manifest whose shards all match it is ever opened, so a run
-killed with ``kill -9`` mid-tokenization leaves a temporary folder that the next run deletes and
-rebuilds, never a shard that is trusted. A bad input stops the run and removes the temporary
-folder: no cache entry is left behind.
+Only a folder named ``<key>`` with a manifest whose shards all match it is ever opened as a
+corpus. A run killed with ``kill -9`` mid-tokenization leaves its temporary folder; the next run
+with the same key takes it over, keeps the leading run of shards whose sidecar is there and
+whose bytes match its checksum (recomputed), deletes everything else in it (torn files, shards
+after a gap) and tokenizes from there on. A document stream with ``state_dict()`` /
+``load_state_dict()`` (a Hub dataset streamed through ``datasets``, see
+:class:`~acceltrain.data.sources.StreamDocuments`) is put back where the last kept shard ended,
+so nothing before it is read again; any other stream is read again from the start and the
+kept pieces are skipped without tokenizing. A bad input stops the run and removes the
+temporary folder: no cache entry is left behind.
 
 The key hashes the source's content key, the tokenizer, the dtype and the piece size, so a
 second run with the same inputs finds the folder and tokenizes nothing.
@@ -97,6 +103,7 @@ class ShardedCorpus:
     eos_token_id: int
     key: str
     from_cache: bool = False
+    reused_shards: int = 0  # complete shards taken over from an interrupted run (not tokenized again)
 
     @property
     def num_tokens(self) -> int:
@@ -166,18 +173,20 @@ def _file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pieces(docs: Iterable[str], shard_bytes: int) -> Iterator[list[str]]:
-    """Consecutive runs of documents of at least ``shard_bytes`` of UTF-8 (the last may be less)."""
+def _pieces(docs: Iterable[str], shard_bytes: int) -> Iterator[tuple[list[str], Any]]:
+    """Consecutive runs of documents of at least ``shard_bytes`` of UTF-8 (the last may be less),
+    each with the stream's state right after its last document (``None`` if it has no state)."""
+    state = getattr(docs, "state_dict", None)
     piece: list[str] = []
     size = 0
     for doc in docs:
         piece.append(doc)
         size += len(doc.encode("utf-8"))
         if size >= shard_bytes:
-            yield piece
+            yield piece, state() if state else None  # before the next document is pulled
             piece, size = [], 0
     if piece:
-        yield piece
+        yield piece, state() if state else None
 
 
 # --- the worker side: one tokenizer per process, set up once ---------------------------------
@@ -204,7 +213,7 @@ def _batches(docs: list[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_shard(index: int, docs: list[str], folder: str) -> dict[str, Any]:
+def _write_shard(index: int, docs: list[str], folder: str, stream_state: Any = None) -> dict[str, Any]:
     """Tokenize one piece into ``shard-<index>.bin`` (+ sidecar), atomically. Runs in a worker."""
     tok, eos, dtype = _WORKER["tokenizer"], _WORKER["eos"], _WORKER["dtype"]
     path = Path(folder) / f"shard-{index:06d}.bin"
@@ -228,6 +237,8 @@ def _write_shard(index: int, docs: list[str], folder: str) -> dict[str, Any]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     meta = {"file": path.name, "num_tokens": num_tokens, "num_documents": len(docs), "checksum": h.hexdigest()}
+    if stream_state is not None:
+        meta["stream_state"] = stream_state
     _write_json_atomic(path.with_suffix(".json"), meta)  # last: a shard without a sidecar is not a shard
     return meta
 
@@ -252,13 +263,43 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(cache_dir: Path, name: str) -> None:
-    """Delete temporary folders of this key left by processes that no longer run (kill -9)."""
-    for tmp in cache_dir.glob(f".{name}.tmp-*"):
+def _take_over_stale(cache_dir: Path, name: str, build: Path) -> list[dict[str, Any]]:
+    """Take over the temporary folder a dead run of this key left (kill -9): keep its leading
+    complete shards, verified by checksum, as ``build``; delete everything else. Returns their sidecars."""
+    best: tuple[list[dict[str, Any]], Path] | None = None
+    for tmp in sorted(cache_dir.glob(f".{name}.tmp-*")):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            logger.warning("removing %s, left by an interrupted tokenization", tmp)
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue  # another live process is building it
+        kept = _complete_prefix(tmp)
+        if best is None or len(kept) > len(best[0]):
+            if best is not None:
+                shutil.rmtree(best[1], ignore_errors=True)
+            best = (kept, tmp)
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
+    if best is None:
+        return []
+    kept, tmp = best
+    keep = {m["file"] for m in kept} | {Path(m["file"]).with_suffix(".json").name for m in kept}
+    for entry in tmp.iterdir():
+        if entry.name not in keep:  # torn files, shards after a gap, a stale manifest
+            entry.unlink() if entry.is_file() else shutil.rmtree(entry)
+    os.replace(tmp, build)
+    logger.warning("taking over %s, left by an interrupted tokenization: %d complete shard(s) kept", tmp, len(kept))
+    return kept
+
+
+def _complete_prefix(folder: Path) -> list[dict[str, Any]]:
+    """Sidecars of shards 0, 1, ... up to the first one missing, torn or not matching its checksum."""
+    kept = []
+    for index in itertools.count():
+        path = folder / f"shard-{index:06d}.bin"
+        meta = _read_json(path.with_suffix(".json"))
+        if meta is None or not path.is_file() or _file_checksum(path) != meta.get("checksum"):
+            return kept
+        kept.append(meta)
+    return kept  # unreachable: itertools.count() is endless
 
 
 def ingest(
@@ -313,12 +354,12 @@ def ingest(
         except DataError as e:
             logger.warning("%s; tokenizing again", e)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale(cache_dir, name)
     build = cache_dir / f".{name}.tmp-{os.getpid()}"
-    build.mkdir()
+    kept = _take_over_stale(cache_dir, name, build)
+    build.mkdir(exist_ok=True)
     try:
         metas = _tokenize_all(documents, tokenizer, build, eos=eos, dtype=dtype.name, vocab=vocab,
-                              workers=workers, shard_bytes=shard_bytes)
+                              workers=workers, shard_bytes=shard_bytes, kept=kept)
         if not metas:
             raise DataError("no documents to tokenize")
         _write_json_atomic(build / MANIFEST, {**settings, "key": full_key, "shards": metas, "vocab_size": vocab})
@@ -338,7 +379,8 @@ def ingest(
     corpus = ShardedCorpus.open(final)
     logger.info("tokenized %d documents into %d tokens in %d shards: %s", corpus.num_documents, corpus.num_tokens,
                 len(corpus.shards), final)
-    return ShardedCorpus(corpus.root, corpus.shards, corpus.dtype, corpus.eos_token_id, corpus.key, from_cache=False)
+    return ShardedCorpus(corpus.root, corpus.shards, corpus.dtype, corpus.eos_token_id, corpus.key, from_cache=False,
+                         reused_shards=len(kept))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -350,24 +392,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _tokenize_all(documents: Iterable[str], tokenizer: Any, build: Path, *, eos: int, dtype: str, vocab: int,
-                  workers: int, shard_bytes: int) -> list[dict[str, Any]]:
+                  workers: int, shard_bytes: int, kept: list[dict[str, Any]]) -> list[dict[str, Any]]:
     init = (tokenizer.backend_tokenizer.to_str(), eos, dtype, vocab)
+    first = len(kept)
+    resumable = first and hasattr(documents, "load_state_dict") and "stream_state" in kept[-1]
+    if resumable:
+        documents.load_state_dict(kept[-1]["stream_state"])  # nothing before the kept shards is read again
     pieces = _pieces(documents, shard_bytes)
+    # Without a stream state the kept pieces are read again (cut the same way) and skipped.
+    numbered = zip(itertools.count(first), pieces if resumable else itertools.islice(pieces, first, None))
+    metas = list(kept)
     if workers == 1:
         _init_worker(*init)
         try:
-            return [_write_shard(i, piece, str(build)) for i, piece in enumerate(pieces)]
+            return metas + [_write_shard(i, piece, str(build), state) for i, (piece, state) in numbered]
         finally:
             _WORKER.clear()
     # fork: the workers need only numpy and tokenizers, and a spawned worker would re-import the
     # launching script (a recipe imports torch). The pool is bounded by hand below because
     # Pool.imap reads its whole input ahead, which would hold the corpus in memory.
     ctx = multiprocessing.get_context("fork")
-    metas: list[dict[str, Any]] = []
     with ctx.Pool(workers, initializer=_pool_init, initargs=init) as pool:
         pending: collections.deque = collections.deque()
-        for i, piece in enumerate(pieces):
-            pending.append(pool.apply_async(_write_shard, (i, piece, str(build))))
+        for i, (piece, state) in numbered:
+            pending.append(pool.apply_async(_write_shard, (i, piece, str(build), state)))
             del piece
             if len(pending) > workers:
                 metas.append(pending.popleft().get())

@@ -46,7 +46,7 @@ from typing import IO, Any, Literal
 
 from .text import _PARAGRAPH_BREAK, STDLIB_SOURCE, DataError, python_stdlib_corpus, texts_fingerprint
 
-__all__ = ["SourceSpec", "TextSource", "parse_sources", "take_bytes", "STREAM_EXTENSIONS"]
+__all__ = ["SourceSpec", "StreamDocuments", "TextSource", "parse_sources", "take_bytes", "STREAM_EXTENSIONS"]
 
 logger = logging.getLogger("acceltrain")
 
@@ -395,8 +395,14 @@ class TextSource:
             if count == 0:
                 raise DataError(f"{file}: empty (no text in it)")
 
-    def documents(self) -> Iterator[str]:
-        """The documents this source contributes: non-blank, in order, within ``max_bytes``."""
+    def documents(self) -> Iterable[str]:
+        """The documents this source contributes: non-blank, in order, within ``max_bytes``.
+
+        For a Hub dataset this is a :class:`StreamDocuments`, whose position can be saved and
+        restored (an interrupted tokenization continues where its last shard ended)."""
+        if self.kind == "hub":
+            return StreamDocuments(self.hub_dataset(), text_column=self.spec.text_column, max_bytes=self.max_bytes,
+                                   where=f"hub dataset {self.name!r}")
         return take_bytes(self.raw_documents(), self.max_bytes)
 
     def hub_dataset(self) -> Any:
@@ -411,15 +417,8 @@ class TextSource:
                             f"either): {first}") from e
 
     def _hub_documents(self) -> Iterator[str]:
-        ds = self.hub_dataset()
-        column = self.spec.text_column
-        names = getattr(ds, "column_names", None)
-        if names is not None and column not in names:
-            raise DataError(f"hub dataset {self.name!r}: no column {column!r}; available columns: {', '.join(names)}")
-        for row in ds:
-            text = _text_value(row.get(column), f"hub dataset {self.name!r}", column)
-            if text is not None and text.strip():
-                yield text
+        yield from StreamDocuments(self.hub_dataset(), text_column=self.spec.text_column, max_bytes=None,
+                                   where=f"hub dataset {self.name!r}")
 
     def key(self) -> str:
         """A content hash of what this source reads, with the settings that change its documents.
@@ -469,3 +468,60 @@ class TextSource:
         for memo in self._memos:
             memo.unlink(missing_ok=True)
         self._memos.clear()
+
+
+class StreamDocuments:
+    """The documents of a ``datasets.IterableDataset`` (``streaming=True``), with a position to resume.
+
+    ``state_dict()`` is the dataset's own iterable state (``datasets``' ``state_dict()``) and the
+    bytes taken so far; ``load_state_dict()`` puts both back, so the next iteration starts after
+    the last document handed out, reading nothing before it. Blank documents are skipped and
+    ``max_bytes`` caps the stream as :func:`take_bytes` does.
+
+    Args:
+        dataset: The streamed dataset.
+        text_column: The column holding the text.
+        max_bytes: Stop after this many UTF-8 bytes (``None``: no cap).
+        where: How errors name the source.
+
+    Example:
+        >>> ds = datasets.load_dataset("json", data_files="corpus.jsonl", split="train", streaming=True)
+        >>> docs = StreamDocuments(ds, text_column="text")
+    """
+
+    def __init__(self, dataset: Any, *, text_column: str = "text", max_bytes: int | None = None,
+                 where: str = "stream") -> None:
+        self.dataset = dataset
+        self.text_column = text_column
+        self.max_bytes = max_bytes
+        self.where = where
+        self.taken = 0  # UTF-8 bytes handed out so far
+
+    def __iter__(self) -> Iterator[str]:
+        names = getattr(self.dataset, "column_names", None)
+        if names is not None and self.text_column not in names:
+            raise DataError(f"{self.where}: no column {self.text_column!r}; available columns: {', '.join(names)}")
+        for row in self.dataset:
+            text = _text_value(row.get(self.text_column), self.where, self.text_column)
+            if text is None or not text.strip():
+                continue
+            size = len(text.encode("utf-8"))
+            if self.max_bytes is not None and self.taken + size > self.max_bytes:
+                head = next(take_bytes([text], self.max_bytes - self.taken), None) if self.taken < self.max_bytes else None
+                self.taken = self.max_bytes
+                if head is not None:
+                    yield head
+                return
+            self.taken += size
+            yield text
+            if self.max_bytes is not None and self.taken >= self.max_bytes:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the dataset's iterable state and the bytes taken."""
+        return {"dataset": self.dataset.state_dict(), "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the position ``state`` recorded."""
+        self.dataset.load_state_dict(state["dataset"])
+        self.taken = int(state["taken"])

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def test_kill_9_mid_tokenization_then_rerun_rebuilds_and_never_trusts_a_torn_shard(corpus, tmp_path):
+def test_kill_9_mid_tokenization_then_rerun_keeps_only_verified_shards_and_matches_a_clean_run(corpus, tmp_path):
     clean = ingest_run(str(corpus), str(tmp_path / "clean"), "--workers", "2", "--shard-bytes", "500000")
     assert clean["shards"] >= 6 and not clean["from_cache"]
 
@@ -53,11 +53,16 @@ def test_kill_9_mid_tokenization_then_rerun_rebuilds_and_never_trusts_a_torn_sha
     leftovers = [p for p in cache.iterdir() if p.name != "PAUSED"]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".") and ".tmp-" in leftovers[0].name
     assert not (leftovers[0] / "manifest.json").exists()
-    assert (leftovers[0] / "shard-000003.json").exists()  # complete shards were there: still not trusted
+    assert (leftovers[0] / "shard-000003.json").exists()
+    complete = 0  # the leading shards with a sidecar: the only ones a rerun may keep (after checksums)
+    while (leftovers[0] / f"shard-{complete:06d}.json").exists():
+        complete += 1
 
     again = ingest_run(str(corpus), str(cache), "--workers", "2", "--shard-bytes", "500000")
     assert not again["from_cache"] and again["tokens"] == clean["tokens"]
-    assert not leftovers[0].exists()  # the dead run's folder was removed
+    assert again["reused"] == complete >= 1
+    assert not leftovers[0].exists()  # the dead run's folder was taken over, nothing else is left
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["PAUSED", Path(again["root"]).name])
     for name in sorted(os.listdir(clean["root"])):
         assert (Path(again["root"]) / name).read_bytes() == (Path(clean["root"]) / name).read_bytes(), name
 

@@ -229,3 +229,97 @@ def test_hub_streaming_resumes_from_the_iterable_state(tmp_path):
     again = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
     again.load_state_dict(state)
     assert head + [row["text"] for row in again] == texts
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def interrupted_copy(clean: ShardedCorpus, cache: Path, keep: int) -> Path:
+    """What kill -9 leaves: the build folder of a dead process with `keep` complete shards and torn files."""
+    import shutil
+
+    dead = cache / f".{clean.root.name}.tmp-{dead_pid()}"
+    shutil.copytree(clean.root, dead)
+    (dead / MANIFEST).unlink()
+    for shard in clean.shards[keep:]:
+        (dead / shard.path.name).unlink()
+        (dead / shard.path.name).with_suffix(".json").unlink()
+    (dead / f".shard-{keep:06d}.bin.tmp").write_bytes(b"\x01\x02\x03")  # torn, never renamed
+    (dead / f"shard-{keep + 2:06d}.bin").write_bytes(b"\x00" * 10)  # after a gap, no sidecar
+    return dead
+
+
+class CountingStream:
+    """A streamed dataset that counts the rows it hands out (state passes through)."""
+
+    def __init__(self, ds):
+        self.ds, self.rows = ds, 0
+
+    column_names = None
+
+    def __iter__(self):
+        for row in self.ds:
+            self.rows += 1
+            yield row
+
+    def state_dict(self):
+        return self.ds.state_dict()
+
+    def load_state_dict(self, state):
+        self.ds.load_state_dict(state)
+
+
+def test_a_hub_stream_interrupted_mid_tokenization_resumes_from_its_iterable_state(tmp_path, monkeypatch):
+    """A Hub dataset with streaming=True (here a local file through datasets.load_dataset, no network):
+    the shards a killed run finished are kept, and the stream continues where the last one ended."""
+    import datasets
+
+    texts = docs(600)
+    path = write_jsonl(tmp_path / "h.jsonl", texts)
+    stream = lambda: datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)  # noqa: E731
+    monkeypatch.setattr(TextSource, "hub_dataset", lambda self: stream())
+    source = TextSource(SourceSpec("someone/corpus"))
+    assert source.kind == "hub"
+    tok = word_tokenizer()
+    clean = ingest(source.documents(), tok, tmp_path / "clean", key=source.key(), workers=1, shard_bytes=3_000)
+    assert len(clean.shards) >= 8 and all_tokens(clean) == expected_tokens(texts)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = interrupted_copy(clean, cache, keep=4)
+    counting = CountingStream(stream())
+    from acceltrain.data.sources import StreamDocuments
+
+    resumed = ingest(StreamDocuments(counting), tok, cache, key=source.key(), workers=2, shard_bytes=3_000)
+    assert resumed.reused_shards == 4 and not dead.exists()
+    assert counting.rows == len(texts) - sum(s.num_documents for s in clean.shards[:4])  # nothing before read again
+    assert [p.name for p in sorted(resumed.root.iterdir())] == [p.name for p in sorted(clean.root.iterdir())]
+    for a, b in zip(clean.shards, resumed.shards, strict=True):
+        assert a.path.read_bytes() == b.path.read_bytes(), a.path.name
+    # The stream states may be spelled differently after a resume (datasets' own counters); the
+    # shards' sizes and checksums may not.
+    drop = lambda m: [{k: v for k, v in s.items() if k != "stream_state"} for s in m["shards"]]  # noqa: E731
+    assert drop(json.loads((clean.root / MANIFEST).read_text())) == drop(json.loads((resumed.root / MANIFEST).read_text()))
+
+
+def test_a_file_source_interrupted_mid_tokenization_keeps_the_verified_shards(tmp_path):
+    texts = docs(600)
+    source = TextSource(SourceSpec(str(write_jsonl(tmp_path / "a.jsonl", texts))))
+    tok = word_tokenizer()
+    clean = ingest(source.documents(), tok, tmp_path / "clean", key=source.key(), workers=1, shard_bytes=3_000)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = interrupted_copy(clean, cache, keep=5)
+    victim = dead / "shard-000003.bin"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1  # a kept shard that does not match its checksum ends the trusted prefix
+    victim.write_bytes(bytes(data))
+    resumed = ingest(source.documents(), tok, cache, key=source.key(), workers=1, shard_bytes=3_000)
+    assert resumed.reused_shards == 3
+    for a, b in zip(clean.shards, resumed.shards, strict=True):
+        assert a.path.read_bytes() == b.path.read_bytes()
+    assert (clean.root / MANIFEST).read_bytes() == (resumed.root / MANIFEST).read_bytes()

@@ -91,6 +91,7 @@ def main() -> None:
     docs = source.documents()
     corpus = shards.ingest(docs, tok, args.cache, key=key, workers=args.workers, shard_bytes=args.shard_bytes)
     print(json.dumps({"tokens": corpus.num_tokens, "shards": len(corpus.shards), "from_cache": corpus.from_cache,
+                      "reused": corpus.reused_shards,
                       "root": str(corpus.root), "before_kib": before, "peak_kib": peak_kib(),
                       "child_peak_kib": peak_kib(resource.RUSAGE_CHILDREN)}))
 
