@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"parameters; tokenizer {len(trainer.tokenizer)} tokens"
               f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
               f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
-              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out")
+              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out"
+              f"{f' (from {cfg.eval_dataset})' if cfg.eval_dataset else ''}")
         if len(trainer.train_set.names) > 1:
             print("mixture (realised share of the training windows): " + ", ".join(
                 f"{name} {share:.3f}" for name, share in zip(trainer.train_set.names, trainer.train_set.proportions(),

@@ -401,7 +401,7 @@ class TextSource:
         For a Hub dataset this is a :class:`StreamDocuments`, whose position can be saved and
         restored (an interrupted tokenization continues where its last shard ended)."""
         if self.kind == "hub":
-            return StreamDocuments(self.hub_dataset(), text_column=self.spec.text_column, max_bytes=self.max_bytes,
+            return StreamDocuments(self.hub_dataset, text_column=self.spec.text_column, max_bytes=self.max_bytes,
                                    where=f"hub dataset {self.name!r}")
         return take_bytes(self.raw_documents(), self.max_bytes)
 
@@ -417,7 +417,7 @@ class TextSource:
                             f"either): {first}") from e
 
     def _hub_documents(self) -> Iterator[str]:
-        yield from StreamDocuments(self.hub_dataset(), text_column=self.spec.text_column, max_bytes=None,
+        yield from StreamDocuments(self.hub_dataset, text_column=self.spec.text_column, max_bytes=None,
                                    where=f"hub dataset {self.name!r}")
 
     def key(self) -> str:
@@ -479,7 +479,8 @@ class StreamDocuments:
     ``max_bytes`` caps the stream as :func:`take_bytes` does.
 
     Args:
-        dataset: The streamed dataset.
+        dataset: The streamed dataset, or a function returning it: called on first use, so a
+            cache hit downstream never contacts the Hub.
         text_column: The column holding the text.
         max_bytes: Stop after this many UTF-8 bytes (``None``: no cap).
         where: How errors name the source.
@@ -491,11 +492,17 @@ class StreamDocuments:
 
     def __init__(self, dataset: Any, *, text_column: str = "text", max_bytes: int | None = None,
                  where: str = "stream") -> None:
-        self.dataset = dataset
+        self._dataset = dataset
         self.text_column = text_column
         self.max_bytes = max_bytes
         self.where = where
         self.taken = 0  # UTF-8 bytes handed out so far
+
+    @property
+    def dataset(self) -> Any:
+        if callable(self._dataset) and not hasattr(self._dataset, "state_dict"):
+            self._dataset = self._dataset()
+        return self._dataset
 
     def __iter__(self) -> Iterator[str]:
         names = getattr(self.dataset, "column_names", None)

@@ -268,13 +268,15 @@ def test_a_weighted_mixture_trains_and_logs_its_realised_shares(corpus, tmp_path
     shards.mkdir()
     for i in range(3):  # a glob over several input files is one source
         make_corpus(shards / f"part{i}.jsonl", docs=60, seed=10 + i)
+    held = make_corpus(tmp_path / "held.jsonl", docs=40, seed=99)
     cache = tmp_path / "cache"
     proc = run("--output_dir", str(tmp_path / "mix"), "--dataset", f"{corpus}:0.5,{second}:0.3,{shards}/*.jsonl:0.2",
-               "--tokenize_workers", "2", "--max_steps", "2", *TINY, cache=cache)
+               "--eval_dataset", str(held), "--tokenize_workers", "2", "--max_steps", "2", *TINY, cache=cache)
+    assert f"held out (from {held})" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("mixture"))
     shares = [float(part.rsplit(" ", 1)[1]) for part in line.split(": ", 1)[1].split(", ")]
     assert shares == pytest.approx([0.5, 0.3, 0.2], abs=0.01)
-    assert len(list((cache / "shards").iterdir())) == 3  # one shard folder per source
+    assert len(list((cache / "shards").iterdir())) == 4  # one shard folder per source, validation included
     card = (tmp_path / "mix" / "final" / "README.md").read_text()
     assert f"{corpus}:0.5" in card and " shards |" in card
 
