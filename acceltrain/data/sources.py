@@ -173,15 +173,15 @@ def _open_binary(path: Path) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the zstandard package (pip install 'acceltrain[zstd]')") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        # Buffered: zstandard's reader has no readline, which line iteration needs.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a file, decoded line by line so an error can name the line."""
     with _open_binary(path) as raw:
-        stream = raw if hasattr(raw, "readline") and not _split_ext(path)[1] == ".zst" else io.BufferedReader(raw)
-        for lineno, line in enumerate(stream, 1):
+        for lineno, line in enumerate(raw, 1):
             try:
                 yield lineno, line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -252,8 +252,7 @@ def _read_json_array(path: Path, column: str) -> Iterator[str]:
 def _read_csv(path: Path, column: str) -> Iterator[str]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents are long; the default is 128 KiB
     with _open_binary(path) as raw:
-        text = io.TextIOWrapper(raw if not _split_ext(path)[1] == ".zst" else io.BufferedReader(raw),
-                                encoding="utf-8", newline="")
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         reader = csv.reader(text)
         try:
             header = next(reader, None)
