@@ -175,27 +175,32 @@ class PretrainTrainer(RecipeTrainer):
                 "hash_cache": cache / "filehash"}
         sources = [TextSource(spec, **opts) for spec in specs]
         eval_source = TextSource(SourceSpec(cfg.eval_dataset, 1.0, cfg.text_column), **opts) if cfg.eval_dataset else None
-        keys = [source.key() for source in sources]
-        trained = None
-        if cfg.tokenizer:
-            tokenizer = load_tokenizer(cfg.tokenizer)
-        else:
-            # Keyed by the sources' content and the budget, so a cache hit reads no text at all.
-            blob = json.dumps({"sources": keys, "weights": [s.weight for s in specs], "bytes": cfg.tokenizer_sample_bytes})
-            fingerprint = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-            folder = cache / "tokenizers" / f"{fingerprint[:16]}-{cfg.vocab_size}"
-            tokenizer = train_bpe_tokenizer(_tokenizer_sample(sources, cfg.tokenizer_sample_bytes), cfg.vocab_size,
-                                            folder, fingerprint=fingerprint, model_max_length=cfg.seq_len,
-                                            sample_bytes=cfg.tokenizer_sample_bytes)
-            trained = None if tokenizer.acceltrain_cache_hit else folder
-        workers = cfg.tokenize_workers or default_workers()
+        trained: Path | None = None
         built: list[ShardedCorpus] = []
         try:
+            keys = [source.key() for source in sources]
+            if cfg.tokenizer:
+                tokenizer = load_tokenizer(cfg.tokenizer)
+            else:
+                # Keyed by the sources' content and the budget, so a cache hit reads no text at all.
+                blob = json.dumps({"sources": keys, "weights": [s.weight for s in specs],
+                                   "bytes": cfg.tokenizer_sample_bytes})
+                fingerprint = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+                folder = cache / "tokenizers" / f"{fingerprint[:16]}-{cfg.vocab_size}"
+                tokenizer = train_bpe_tokenizer(_tokenizer_sample(sources, cfg.tokenizer_sample_bytes), cfg.vocab_size,
+                                                folder, fingerprint=fingerprint, model_max_length=cfg.seq_len,
+                                                sample_bytes=cfg.tokenizer_sample_bytes)
+                trained = None if tokenizer.acceltrain_cache_hit else folder
+            workers = cfg.tokenize_workers or default_workers()
             for src, key in [*zip(sources, keys, strict=True), *([(eval_source, eval_source.key())] if eval_source else [])]:
                 built.append(ingest(src.documents(), tokenizer, cache / "shards", key=key, workers=workers))
+            corpora, eval_corpus = built[:len(sources)], (built[-1] if eval_source else None)
+            train, val = build_mixture(corpora, seq_len=cfg.seq_len, weights=[s.weight for s in specs],
+                                       names=[s.path for s in specs], seed=cfg.seed, val_fraction=cfg.val_fraction,
+                                       eval_corpus=eval_corpus)
         except DataError:
-            # Bad input in a later file or source: what this run cached goes too, so no cache entry
-            # is left of a run that failed (the tokenizer trained on the sample, the other sources).
+            # Bad input, wherever it was found: what this run cached goes too, so a run that failed
+            # leaves no cache entry (the tokenizer trained on the sample, other sources' shards).
             if trained is not None:
                 shutil.rmtree(trained, ignore_errors=True)
             for corpus in built:
@@ -205,10 +210,6 @@ class PretrainTrainer(RecipeTrainer):
                 if source is not None:
                     source.forget_hashes()
             raise
-        corpora, eval_corpus = built[:len(sources)], (built[-1] if eval_source else None)
-        train, val = build_mixture(corpora, seq_len=cfg.seq_len, weights=[s.weight for s in specs],
-                                   names=[s.path for s in specs], seed=cfg.seed, val_fraction=cfg.val_fraction,
-                                   eval_corpus=eval_corpus)
         return tokenizer, train, val, _Corpus(corpora)
 
     def build_data_loader(self):

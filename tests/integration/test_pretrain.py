@@ -283,6 +283,7 @@ def test_a_weighted_mixture_trains_and_logs_its_realised_shares(corpus, tmp_path
 
 @pytest.mark.parametrize("make, args, message", [
     ("badline", ["--tokenizer_sample_bytes", "300"], "bad.jsonl:40: not valid JSON"),
+    ("nocolumn", [], "bad.jsonl:1: no column 'text'; keys: body"),  # found while sampling for the tokenizer
     ("zero", [], "weight of"),
     ("glob", [], "glob matches no"),
 ])
@@ -292,12 +293,14 @@ def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus,
     lines = corpus.read_bytes().splitlines(keepends=True)
     if make == "badline":
         bad.write_bytes(b"".join(lines[:39]) + b'{"text": "cut\n' + b"\n" + b"".join(lines[39:]))
+    elif make == "nocolumn":
+        bad.write_bytes(corpus.read_bytes().replace(b'"text"', b'"body"'))
     dataset = {"zero": f"{corpus}:0.7,{corpus}:0", "glob": str(tmp_path / "none" / "*.jsonl")}.get(make, f"{corpus}:0.7,{bad}:0.3")
     cache = tmp_path / "cache"
     proc = run("--output_dir", str(tmp_path / "o"), "--dataset", dataset, *TINY, *args, cache=cache, expect=2)
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr[-2000:]
-    if make == "badline":  # (every other kind of bad file: tests/unit/test_data_shards.py)
+    if make in ("badline", "nocolumn"):  # (every other kind of bad file: tests/unit/test_data_shards.py)
         assert str(bad) in err[0]
     left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
     assert left == [], left
