@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -248,6 +249,21 @@ def _tokenizer_parallelism_off() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+@contextlib.contextmanager
+def _parallelism_configured() -> Iterator[None]:
+    """While the pool forks: the Rust tokenizer warns in every child forked after its thread
+    pool was used, unless TOKENIZERS_PARALLELISM is set. This process's own setting is restored."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
 def _pool_init(*args: Any) -> None:
     _tokenizer_parallelism_off()
     _init_worker(*args)
@@ -412,7 +428,7 @@ def _tokenize_all(documents: Iterable[str], tokenizer: Any, build: Path, *, eos:
     # launching script (a recipe imports torch). The pool is bounded by hand below because
     # Pool.imap reads its whole input ahead, which would hold the corpus in memory.
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_pool_init, initargs=init) as pool:
+    with _parallelism_configured(), ctx.Pool(workers, initializer=_pool_init, initargs=init) as pool:
         pending: collections.deque = collections.deque()
         for i, (piece, state) in numbered:
             pending.append(pool.apply_async(_write_shard, (i, piece, str(build), state)))

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,7 +183,7 @@ class _Lazy:
     def __init__(self, texts: Iterable[str], limit: int) -> None:
         self.texts, self.limit = texts, limit
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         from .sources import take_bytes
 
         return take_bytes(self.texts, self.limit)
