@@ -284,8 +284,6 @@ def test_a_weighted_mixture_trains_and_logs_its_realised_shares(corpus, tmp_path
 @pytest.mark.parametrize("make, args, message", [
     ("badline", ["--tokenizer_sample_bytes", "300"], "bad.jsonl:40: not valid JSON"),
     ("nocolumn", [], "bad.jsonl:1: no column 'text'; keys: body"),  # found while sampling for the tokenizer
-    ("zero", [], "weight of"),
-    ("glob", [], "glob matches no"),
 ])
 def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus, make, args, message):
     """Bad input found after the tokenizer was trained on its sample: the tokenizer goes too."""
@@ -295,7 +293,7 @@ def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus,
         bad.write_bytes(b"".join(lines[:39]) + b'{"text": "cut\n' + b"\n" + b"".join(lines[39:]))
     elif make == "nocolumn":
         bad.write_bytes(corpus.read_bytes().replace(b'"text"', b'"body"'))
-    dataset = {"zero": f"{corpus}:0.7,{corpus}:0", "glob": str(tmp_path / "none" / "*.jsonl")}.get(make, f"{corpus}:0.7,{bad}:0.3")
+    dataset = f"{corpus}:0.7,{bad}:0.3"
     cache = tmp_path / "cache"
     proc = run("--output_dir", str(tmp_path / "o"), "--dataset", dataset, *TINY, *args, cache=cache, expect=2)
     err = proc.stderr.strip().splitlines()
@@ -305,6 +303,21 @@ def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus,
     left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
     assert left == [], left
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("{corpus}:0.7,{corpus}:0", "weight of '{corpus}' must be > 0, got '0'"),
+    ("{corpus}:0.7,{corpus}:-1", "weight of '{corpus}' must be > 0, got '-1'"),
+    ("{tmp}/none/*.jsonl", "{tmp}/none/*.jsonl: glob matches no"),
+])
+def test_bad_dataset_specs_exit_2_in_process(tmp_path, corpus, capsys, dataset, message):
+    fill = {"corpus": corpus, "tmp": tmp_path}
+    with pytest.raises(SystemExit) as e:
+        _load_recipe().main(["--output_dir", str(tmp_path / "o"), "--dataset", dataset.format(**fill),
+                             "--cache_dir", str(tmp_path / "cache"), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message.format(**fill) in err[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
 
 
 def _load_recipe():

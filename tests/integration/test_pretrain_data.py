@@ -35,8 +35,14 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_kill_9_mid_tokenization_then_rerun_keeps_only_verified_shards_and_matches_a_clean_run(corpus, tmp_path):
-    clean = ingest_run(str(corpus), str(tmp_path / "clean"), "--workers", "2", "--shard-bytes", "500000")
-    assert clean["shards"] >= 6 and not clean["from_cache"]
+    from acceltrain.data import SourceSpec, TextSource, ingest
+    from tests.integration.scripts.ingest_run import word_tokenizer
+
+    source = TextSource(SourceSpec(str(corpus)))  # the clean run, in this process: same shards
+    done = ingest(source.documents(), word_tokenizer(), tmp_path / "clean", key=source.key(), workers=1,
+                  shard_bytes=500_000)
+    clean = {"shards": len(done.shards), "tokens": done.num_tokens, "root": str(done.root)}
+    assert clean["shards"] >= 6
 
     cache = tmp_path / "cache"
     cache.mkdir()
