@@ -74,12 +74,13 @@ def test_kill_9_mid_tokenization_then_rerun_keeps_only_verified_shards_and_match
 
 
 def test_peak_memory_stays_under_a_cap_a_quarter_of_the_corpus(tmp_path):
-    """The cap: this process's RSS once imports and the tokenizer are loaded, plus a quarter of the
-    corpus. Streaming stays under it; reading the corpus into a list (the old path) does not."""
+    """The cap: the ingesting process's RSS once imports and the tokenizer are loaded (its peak is
+    reset there), plus a quarter of the corpus. Streaming stays under it; reading the corpus into a
+    list (the old path) does not."""
     path = tmp_path / "big.jsonl"
-    streamed = ingest_run(str(path), str(tmp_path / "cache"), "--make-mb", "80", "--workers", "1")
+    streamed = ingest_run(str(path), str(tmp_path / "cache"), "--make-mb", "120", "--workers", "1")
     size_kib = path.stat().st_size // 1024
-    assert size_kib > 75_000
+    assert size_kib > 110_000
     cap = streamed["before_kib"] + size_kib // 4
     assert streamed["tokens"] > 1_000_000 and streamed["shards"] > 50
     assert streamed["peak_kib"] < cap, (streamed, cap)

@@ -3,8 +3,9 @@
 Usage: ingest_run.py CORPUS CACHE [--workers W] [--shard-bytes B] [--pause-after-shard I]
        [--in-memory] [--make-mb MB]
 
-Prints one JSON line: tokens, shards, whether the cache was hit, and peak RSS (KiB) of this
-process before ingesting (imports and tokenizer loaded), after it, and of its largest child.
+Prints one JSON line: tokens, shards, whether the cache was hit, this process's RSS (KiB) once
+imports and the tokenizer are loaded (the peak is reset to it there), its peak from then on,
+and the peak of its largest child.
 ``--pause-after-shard I`` writes CACHE/PAUSED once shard I is complete and then sleeps, so a
 test can kill -9 the process group in the middle of tokenizing. ``--in-memory`` only reads every
 document into a list (what the recipe did before streaming), to show that the test's cap bites.
@@ -48,8 +49,29 @@ def make_corpus(path: Path, mb: float) -> None:
             f.write(block.replace('"text": "', f'"text": "{WORDS[i % len(WORDS)]} ', 1))
 
 
-def peak_kib(who: int = resource.RUSAGE_SELF) -> int:
-    return resource.getrusage(who).ru_maxrss  # KiB on Linux
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_kib() -> int:
+    """This process's peak RSS in KiB: VmHWM, not ru_maxrss, which also keeps the RSS the process
+    had before exec (a fork of a large parent, such as a pytest session, starts that large)."""
+    return _status_kib("VmHWM")
+
+
+def children_peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+
+
+def reset_peak() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0) and return that, in KiB.
+
+    Without it the peak would still hold transients of the imports, which vary from run to run."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
 
 
 def main() -> None:
@@ -83,7 +105,7 @@ def main() -> None:
     source = TextSource(SourceSpec(str(args.corpus)))
     key = source.key()
     tok("warm up", add_special_tokens=False)
-    before = peak_kib()
+    before = reset_peak()
     if args.in_memory:  # the list alone is the point: no need to tokenize it
         docs = list(source.documents())
         print(json.dumps({"documents": len(docs), "before_kib": before, "peak_kib": peak_kib()}))
@@ -93,7 +115,7 @@ def main() -> None:
     print(json.dumps({"tokens": corpus.num_tokens, "shards": len(corpus.shards), "from_cache": corpus.from_cache,
                       "reused": corpus.reused_shards,
                       "root": str(corpus.root), "before_kib": before, "peak_kib": peak_kib(),
-                      "child_peak_kib": peak_kib(resource.RUSAGE_CHILDREN)}))
+                      "child_peak_kib": children_peak_kib()}))
 
 
 if __name__ == "__main__":
