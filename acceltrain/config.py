@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,9 @@ def _coerce(path: Path, key: str, value: Any, action: Any) -> Any:
     """Check a YAML value against the flag argparse would have built for the field."""
     if value is None:
         return None
+    if (action.type is str and action.nargs is None and isinstance(value, list) and value
+            and all(isinstance(v, dict) for v in value)):
+        return json.dumps(value)  # a list of mappings for a text field (pretrain's dataset mixture) travels as JSON
     convert = action.type
     values = value if isinstance(value, list) else [value]
     if action.nargs in ("+", "*") and not isinstance(value, list):

@@ -1,6 +1,7 @@
 """Tokenize + pack throughput against calling the fast tokenizer directly on the same text.
 
     python benchmarks/data.py [--repeats 3] [--max_bytes 3000000] [--out benchmarks/results/data.json]
+    python benchmarks/data.py --scale [--gb 1.0] [--out benchmarks/results/data_scale.json]
 
 Both sides tokenize the same documents (this Python's standard library, the pretraining
 recipe's default corpus) with the same tokenizer on one thread (tokens/s per core):
@@ -8,6 +9,16 @@ recipe's default corpus) with the same tokenizer on one thread (tokens/s per cor
 no attention masks or token type ids, as the packer asks for) and nothing else; ``pack_texts`` is acceltrain's packer writing the flat token memmap with EOS after every
 document, with an empty cache each time (a cache hit is also shown). The data-wait share of
 training steps is measured by benchmarks/throughput.py.
+
+``--scale``: the streaming ingest of ``acceltrain.data.shards`` on a generated JSON-lines corpus
+(this Python's stdlib source, cycled with a distinct header per copy) of ``--gb`` GB and of a
+quarter of that. Each row runs in a fresh interpreter and reports tokens/s of the whole ingest
+(read + tokenize + write shards) and peak RSS (the main process, and the largest worker, whose
+figure includes pages it shares with the main process since it is forked from it). Rows: the
+bare fast tokenizer's batch call on one core over the first 64 MB of the same text (its rate is
+per token and does not depend on the corpus size), ingest with 1 worker and with every core at
+the small size, and with every core at the full size. ``other_cpus`` is how many CPUs other
+processes kept busy meanwhile: above ~0.15 the machine was shared and the row is suspect.
 """
 
 from __future__ import annotations
@@ -32,8 +43,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max_bytes", type=int, default=3_000_000)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data.json")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--scale", action="store_true", help="the streaming ingest on a generated corpus of --gb GB")
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--_row", nargs=4, metavar=("KIND", "CORPUS", "TOKENIZER", "WORKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._row:
+        from data_scale import row
+
+        row(*args._row)
+        return
+    if args.scale:
+        from data_scale import scale
+
+        scale(args.gb, args.out or Path(__file__).parent / "results" / "data_scale.json")
+        return
+    args.out = args.out or Path(__file__).parent / "results" / "data.json"
     texts = load_texts("python-stdlib", max_bytes=args.max_bytes)
     fingerprint = texts_fingerprint(texts)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,8 +12,12 @@ perplexity on a held-out split, and writes a Hugging Face folder to ``output_dir
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,14 +31,10 @@ from acceltrain import (
     seed_everything,
 )
 from acceltrain.config import ConfigError, exit_on_user_error, parse_config
-from acceltrain.data import (
-    load_texts,
-    load_tokenizer,
-    pack_texts,
-    texts_fingerprint,
-    train_bpe_tokenizer,
-    train_val_split,
-)
+from acceltrain.data import STDLIB_SOURCE, DataError, load_tokenizer, train_bpe_tokenizer
+from acceltrain.data.mixture import build_mixture
+from acceltrain.data.shards import ShardedCorpus, default_workers, ingest
+from acceltrain.data.sources import SourceSpec, TextSource, parse_sources
 from acceltrain.models import (
     PRESETS,
     ModelConfig,
@@ -62,11 +62,18 @@ class PretrainConfig(TrackingFields):
 
     output_dir: str = field(default="runs/pretrain", metadata={"help": "Run folder: checkpoints, logs, final/"})
     dataset: str | None = field(default=None, metadata={
-        "help": "Hub dataset name, or a local .txt/.jsonl/.csv/.parquet file or folder; "
-                "unset: the standard library of this Python (offline)"})
+        "help": "A local .txt/.jsonl/.json/.csv/.parquet file (also .gz/.zst), folder or glob, or a Hub dataset "
+                "(streamed); a weighted mixture as 'code/:0.7,prose.jsonl:0.3' (in YAML also a list of "
+                "{path, weight, text_column}); unset: the standard library of this Python (offline)"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "A named validation source (same forms as dataset); unset: the last val_fraction of every source"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name"})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (jsonl/csv/parquet/Hub)"})
-    max_corpus_bytes: int = field(default=3_000_000, metadata={"help": "Read at most this much text (0: all)"})
+    max_corpus_bytes: int = field(default=3_000_000, metadata={"help": "Read at most this much text per source (0: all)"})
+    tokenize_workers: int | None = field(default=None, metadata={
+        "help": "Tokenizer processes; unset: the cores this process may use (len(os.sched_getaffinity(0)))"})
+    tokenizer_sample_bytes: int = field(default=100_000_000, metadata={
+        "help": "Train the BPE tokenizer on the first this many bytes of text (split over sources by weight)"})
     tokenizer: str | None = field(default=None, metadata={"help": "An existing tokenizer (name or folder); unset: train a BPE"})
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the trained BPE tokenizer"})
     cache_dir: str | None = field(default=None, metadata={"help": "Tokenizer/packing cache (default ~/.cache/acceltrain)"})
@@ -115,6 +122,13 @@ class PretrainConfig(TrackingFields):
         for name in ("warmup_steps", "num_workers", "sample_tokens", "max_corpus_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tokenize_workers", "tokenizer_sample_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            parse_sources(self.dataset or STDLIB_SOURCE)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         if self.tokenizer is None and self.vocab_size < _MIN_BPE_VOCAB:
             raise ConfigError(f"vocab_size must be >= {_MIN_BPE_VOCAB} (256 byte tokens + EOS and padding), "
                               f"got {self.vocab_size}")
@@ -165,18 +179,47 @@ class PretrainTrainer(RecipeTrainer):
     def _prepare_data(self):
         cfg = self.cfg
         cache = cache_root(cfg.cache_dir)
-        texts = load_texts(cfg.dataset or "python-stdlib", text_column=cfg.text_column,
-                           config_name=cfg.dataset_config, max_bytes=cfg.max_corpus_bytes or None,
-                           cache_dir=cache / "datasets")
-        fingerprint = texts_fingerprint(texts)
-        if cfg.tokenizer:
-            tokenizer = load_tokenizer(cfg.tokenizer)
-        else:
-            tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size, cache / "tokenizers" / f"{fingerprint[:16]}-{cfg.vocab_size}",
-                                            fingerprint=fingerprint, model_max_length=cfg.seq_len)
-        corpus = pack_texts(texts, tokenizer, cache / "packed", fingerprint=fingerprint)
-        train, val = train_val_split(corpus, cfg.seq_len, val_fraction=cfg.val_fraction)
-        return tokenizer, train, val, corpus
+        specs = parse_sources(cfg.dataset or STDLIB_SOURCE, text_column=cfg.text_column)
+        opts = {"max_bytes": cfg.max_corpus_bytes or None, "config_name": cfg.dataset_config,
+                "hash_cache": cache / "filehash"}
+        sources = [TextSource(spec, **opts) for spec in specs]
+        eval_source = TextSource(SourceSpec(cfg.eval_dataset, 1.0, cfg.text_column), **opts) if cfg.eval_dataset else None
+        trained: Path | None = None
+        built: list[ShardedCorpus] = []
+        try:
+            keys = [source.key() for source in sources]
+            if cfg.tokenizer:
+                tokenizer = load_tokenizer(cfg.tokenizer)
+            else:
+                # Keyed by the sources' content and the budget, so a cache hit reads no text at all.
+                blob = json.dumps({"sources": keys, "weights": [s.weight for s in specs],
+                                   "bytes": cfg.tokenizer_sample_bytes})
+                fingerprint = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+                folder = cache / "tokenizers" / f"{fingerprint[:16]}-{cfg.vocab_size}"
+                tokenizer = train_bpe_tokenizer(_tokenizer_sample(sources, cfg.tokenizer_sample_bytes), cfg.vocab_size,
+                                                folder, fingerprint=fingerprint, model_max_length=cfg.seq_len,
+                                                sample_bytes=cfg.tokenizer_sample_bytes)
+                trained = None if tokenizer.acceltrain_cache_hit else folder
+            workers = cfg.tokenize_workers or default_workers()
+            for src, key in [*zip(sources, keys, strict=True), *([(eval_source, eval_source.key())] if eval_source else [])]:
+                built.append(ingest(src.documents(), tokenizer, cache / "shards", key=key, workers=workers))
+            corpora, eval_corpus = built[:len(sources)], (built[-1] if eval_source else None)
+            train, val = build_mixture(corpora, seq_len=cfg.seq_len, weights=[s.weight for s in specs],
+                                       names=[s.path for s in specs], seed=cfg.seed, val_fraction=cfg.val_fraction,
+                                       eval_corpus=eval_corpus)
+        except DataError:
+            # Bad input, wherever it was found: what this run cached goes too, so a run that failed
+            # leaves no cache entry (the tokenizer trained on the sample, other sources' shards).
+            if trained is not None:
+                shutil.rmtree(trained, ignore_errors=True)
+            for corpus in built:
+                if not corpus.from_cache:
+                    shutil.rmtree(corpus.root, ignore_errors=True)
+            for source in [*sources, eval_source]:
+                if source is not None:
+                    source.forget_hashes()
+            raise
+        return tokenizer, train, val, _Corpus(corpora)
 
     def build_data_loader(self):
         return torch.utils.data.DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True,
@@ -230,7 +273,7 @@ class PretrainTrainer(RecipeTrainer):
                             f"{self.model_cfg.n_heads} heads, d_ff {self.model_cfg.ffn_dim}",
             "parameters": f"{format_params(self.n_params)} ({self.n_params:,})",
             "data": f"{cfg.dataset or 'Python standard library source'}: {self.corpus.num_tokens:,} tokens, "
-                    f"{self.corpus.num_documents:,} documents",
+                    f"{self.corpus.num_documents:,} documents in {self.corpus.num_shards:,} shards",
             "tokenizer": f"{'byte-level BPE, ' + str(len(self.tokenizer)) + ' tokens' if not cfg.tokenizer else cfg.tokenizer}",
             "training": f"{self.step} steps x {cfg.batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes}"
                         f" windows of {cfg.seq_len} tokens, AdamW lr {cfg.lr} warmup+cosine",
@@ -252,6 +295,26 @@ print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40
             if cfg.sample_tokens:
                 print("Sample:", _sample(final, cfg.sample_prompt, cfg.sample_tokens, cfg.seed))
         return final
+
+
+class _Corpus:
+    """What the run's sources hold, for the summary line and the model card."""
+
+    def __init__(self, corpora: list[ShardedCorpus]) -> None:
+        self.corpora = corpora
+        self.num_tokens = sum(c.num_tokens for c in corpora)
+        self.num_documents = sum(c.num_documents for c in corpora)
+        self.num_shards = sum(len(c.shards) for c in corpora)
+        self.from_cache = all(c.from_cache for c in corpora)
+
+
+def _tokenizer_sample(sources: list[TextSource], budget: int) -> Iterator[str]:
+    """The head of every source, ``budget`` bytes in all, split by weight (read lazily)."""
+    from acceltrain.data.sources import take_bytes
+
+    total = sum(s.spec.weight for s in sources)
+    for source in sources:
+        yield from take_bytes(source.documents(), max(1, int(budget * source.spec.weight / total)))
 
 
 def build_model_meta(trainer: PretrainTrainer) -> torch.nn.Module:
@@ -297,7 +360,12 @@ def main(argv: list[str] | None = None) -> Path:
               f"parameters; tokenizer {len(trainer.tokenizer)} tokens"
               f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
               f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
-              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out")
+              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out"
+              f"{f' (from {cfg.eval_dataset})' if cfg.eval_dataset else ''}")
+        if len(trainer.train_set.names) > 1:
+            print("mixture (realised share of the training windows): " + ", ".join(
+                f"{name} {share:.3f}" for name, share in zip(trainer.train_set.names, trainer.train_set.proportions(),
+                                                             strict=True)))
         write_run_config(trainer.workspace, cfg)
     trainer.train()
     final = trainer.finish()

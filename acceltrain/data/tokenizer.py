@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,7 @@ def train_bpe_tokenizer(
     min_frequency: int = 2,
     model_max_length: int = 1024,
     fingerprint: str | None = None,
+    sample_bytes: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer, or load the one an identical earlier call saved.
 
@@ -100,7 +101,12 @@ def train_bpe_tokenizer(
         model_max_length: Stored in ``tokenizer_config.json``; long inputs are not truncated
             unless asked.
         fingerprint: A precomputed corpus fingerprint (e.g. from :func:`texts_fingerprint`) to
-            skip hashing ``texts`` again.
+            skip hashing ``texts`` again. With it, a cache hit reads nothing from ``texts``; it
+            must then identify the sample (the stream and ``sample_bytes``), not only the corpus.
+        sample_bytes: Train on the first ``sample_bytes`` of UTF-8 text of ``texts`` (whole
+            documents, the last one cut at a line end) and stop reading there, so ``texts`` can
+            be a stream of a corpus of any size; only the sample is held in memory. ``None``:
+            all of ``texts``. The recipes default to 100 MB (``--tokenizer_sample_bytes``).
 
     Returns:
         The tokenizer, with a boolean ``acceltrain_cache_hit`` attribute.
@@ -124,6 +130,10 @@ def train_bpe_tokenizer(
 
     import tokenizers
 
+    if sample_bytes is not None and sample_bytes < 1:
+        raise ValueError(f"sample_bytes must be >= 1, got {sample_bytes}")
+    if sample_bytes is not None:
+        texts = _Lazy(texts, sample_bytes)  # read (and held) only on a cache miss
     if fingerprint is None:
         texts = texts if isinstance(texts, list) else list(texts)
         fingerprint = texts_fingerprint(texts)
@@ -165,6 +175,18 @@ def train_bpe_tokenizer(
     _write_json_atomic(save_dir / STAMP_FILE, {"key": key, "settings": settings})
     tok.acceltrain_cache_hit = False
     return tok
+
+
+class _Lazy:
+    """The first ``limit`` bytes of a document stream, taken on first iteration."""
+
+    def __init__(self, texts: Iterable[str], limit: int) -> None:
+        self.texts, self.limit = texts, limit
+
+    def __iter__(self) -> Iterator[str]:
+        from .sources import take_bytes
+
+        return take_bytes(self.texts, self.limit)
 
 
 def _train(

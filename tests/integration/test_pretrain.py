@@ -254,6 +254,72 @@ def test_shipped_configs_parse(config):
     assert cfg.model_size in config.stem
 
 
+def test_yaml_list_of_sources_parses_to_weighted_specs():
+    from acceltrain.config import parse_config
+    from acceltrain.data.sources import SourceSpec, parse_sources
+
+    cfg = parse_config(_load_recipe().PretrainConfig, ["--config", str(ROOT / "recipes" / "configs" / "pretrain_tiny_mixture.yaml")])
+    assert parse_sources(cfg.dataset) == [SourceSpec("data/code/", 0.7), SourceSpec("data/prose.jsonl", 0.3)]
+
+
+def test_a_weighted_mixture_trains_and_logs_its_realised_shares(corpus, tmp_path):
+    second = make_corpus(tmp_path / "other.jsonl", docs=120, seed=3)
+    shards = tmp_path / "parts"
+    shards.mkdir()
+    for i in range(3):  # a glob over several input files is one source
+        make_corpus(shards / f"part{i}.jsonl", docs=60, seed=10 + i)
+    held = make_corpus(tmp_path / "held.jsonl", docs=40, seed=99)
+    cache = tmp_path / "cache"
+    proc = run("--output_dir", str(tmp_path / "mix"), "--dataset", f"{corpus}:0.5,{second}:0.3,{shards}/*.jsonl:0.2",
+               "--eval_dataset", str(held), "--tokenize_workers", "2", "--max_steps", "2", *TINY, cache=cache)
+    assert f"held out (from {held})" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("mixture"))
+    shares = [float(part.rsplit(" ", 1)[1]) for part in line.split(": ", 1)[1].split(", ")]
+    assert shares == pytest.approx([0.5, 0.3, 0.2], abs=0.01)
+    assert len(list((cache / "shards").iterdir())) == 4  # one shard folder per source, validation included
+    card = (tmp_path / "mix" / "final" / "README.md").read_text()
+    assert f"{corpus}:0.5" in card and " shards |" in card
+
+
+@pytest.mark.parametrize("make, args, message", [
+    ("badline", ["--tokenizer_sample_bytes", "300"], "bad.jsonl:40: not valid JSON"),
+    ("nocolumn", [], "bad.jsonl:1: no column 'text'; keys: body"),  # found while sampling for the tokenizer
+])
+def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus, make, args, message):
+    """Bad input found after the tokenizer was trained on its sample: the tokenizer goes too."""
+    bad = tmp_path / "bad.jsonl"
+    lines = corpus.read_bytes().splitlines(keepends=True)
+    if make == "badline":
+        bad.write_bytes(b"".join(lines[:39]) + b'{"text": "cut\n' + b"\n" + b"".join(lines[39:]))
+    elif make == "nocolumn":
+        bad.write_bytes(corpus.read_bytes().replace(b'"text"', b'"body"'))
+    dataset = f"{corpus}:0.7,{bad}:0.3"
+    cache = tmp_path / "cache"
+    proc = run("--output_dir", str(tmp_path / "o"), "--dataset", dataset, *TINY, *args, cache=cache, expect=2)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr[-2000:]
+    if make in ("badline", "nocolumn"):  # (every other kind of bad file: tests/unit/test_data_shards.py)
+        assert str(bad) in err[0]
+    left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+    assert left == [], left
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("{corpus}:0.7,{corpus}:0", "weight of '{corpus}' must be > 0, got '0'"),
+    ("{corpus}:0.7,{corpus}:-1", "weight of '{corpus}' must be > 0, got '-1'"),
+    ("{tmp}/none/*.jsonl", "{tmp}/none/*.jsonl: glob matches no"),
+])
+def test_bad_dataset_specs_exit_2_in_process(tmp_path, corpus, capsys, dataset, message):
+    fill = {"corpus": corpus, "tmp": tmp_path}
+    with pytest.raises(SystemExit) as e:
+        _load_recipe().main(["--output_dir", str(tmp_path / "o"), "--dataset", dataset.format(**fill),
+                             "--cache_dir", str(tmp_path / "cache"), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message.format(**fill) in err[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
 def _load_recipe():
     import importlib.util
 
