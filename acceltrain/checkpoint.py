@@ -160,23 +160,37 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def find_latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
+def find_latest_checkpoint(root: Path, *, clean: bool = True, required: str | None = None) -> Path | None:
     """The newest folder under ``root`` whose manifest checks out; torn ones are warned about.
 
-    With ``clean`` (main process only), temporary folders of interrupted saves are removed.
+    With ``clean`` (main process only), temporary folders of interrupted saves are removed
+    (they never held a complete checkpoint: the rename is the save's last act).
+
+    Args:
+        required: The setting that asked for a resume (e.g. ``"--resume true"``). With it, a
+            ``checkpoint_step_N`` folder that exists while none checks out is an error naming
+            every folder's problem, never a silent fresh start: a resume that was asked for and
+            cannot be honoured must not train from step 0 (and let retention delete the evidence).
+
+    Raises:
+        CheckpointError: with ``required``, when checkpoints exist and none is valid.
     """
     root = Path(root)
     if clean and root.is_dir():
         for stale in root.glob(".tmp_checkpoint_step_*"):
             logger.warning("removing %s: an interrupted checkpoint save", stale)
             shutil.rmtree(stale, ignore_errors=True)
+    problems = []
     for folder in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(folder)
         except CheckpointError as e:
             logger.warning("skipping checkpoint %s", e)
+            problems.append(str(e))
             continue
         return folder
+    if required and problems:
+        raise CheckpointError(f"{required}: no checkpoint in {root} can be resumed from: {'; '.join(problems)}")
     return None
 
 

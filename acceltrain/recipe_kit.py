@@ -59,6 +59,8 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     if not found and not outputs:
         return False
     if resume:
+        if found:
+            _check_resumable(output_dir / "checkpoints", is_main=is_main)
         return bool(found)
     if not overwrite:
         what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
@@ -73,6 +75,27 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
             else:
                 path.unlink(missing_ok=True)
     return False
+
+
+def _check_resumable(root: Path, *, is_main: bool) -> None:
+    """--resume with checkpoints of which none checks out is an error on every rank (exit 2),
+    raised before the run writes anything: never a silent fresh start."""
+    from .checkpoint import CheckpointError, find_latest_checkpoint
+
+    problem = None
+    if is_main:  # one rank reads the files; the others hear the verdict
+        try:
+            find_latest_checkpoint(root, clean=False, required="--resume true")
+        except CheckpointError as e:
+            problem = f"{e}; repair or move them away, or pass --overwrite true to start over"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem]
+        broadcast_object_list(box, from_process=0)
+        problem = box[0]
+    if problem is not None:
+        raise UserError(problem)
 
 
 # What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).

@@ -144,7 +144,15 @@ class CheckpointingHook(BaseHook):
         # One rank checks sizes and CRC32s (reading every file once, not once per rank) and
         # picks; every rank then loads the same folder.
         if self.load == "latest":
-            chosen = find_latest_checkpoint(root) if acc.is_main_process else None
+            chosen, problem = None, None
+            if acc.is_main_process:
+                try:
+                    chosen = find_latest_checkpoint(root, required="load='latest'")
+                except CheckpointError as e:  # every rank must hear it, or the others wait forever
+                    problem = f"{e}; repair or remove them, or load=None to start fresh"
+            problem = _broadcast_text(trainer, problem)
+            if problem is not None:
+                raise CheckpointError(problem)
             chosen = _broadcast_path(trainer, chosen)
         else:
             chosen = Path(self.load)

@@ -1,0 +1,77 @@
+"""Resume safety, tried as a new user would: a resume that was asked for and cannot be honoured is
+an error (exit 2, the run folder untouched), and a signal before or during the first step ends
+cleanly in bounded time (a clean exit before training, a checkpoint once it has begun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.integration.test_classify import TINY, keyword_rows, load_recipe, run_inprocess, write
+
+SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
+EARLY = Path(__file__).parent / "scripts" / "early_signal.py"
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time (to prove nothing changed)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_with_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path, capsys):
+    module = load_recipe()
+    os.environ["ACCELTRAIN_CACHE"] = str(tmp_path / "cache")
+    data = write(tmp_path / "train.jsonl", keyword_rows(64, seed=0))
+    out = tmp_path / "run"
+    args = ["--dataset", str(data), *TINY, "--max_steps", "2", "--eval_interval", "2", "--save_interval", "2",
+            "--output_dir", str(out)]
+    run_inprocess(module, args)
+    only = out / "checkpoints" / "checkpoint_step_2"
+    _truncate(only / "model.safetensors")
+    before = _snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(module, [*args, "--max_steps", "4", "--resume", "true"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --resume true: no checkpoint in "), err[-1]
+    assert f"{only / 'model.safetensors'}:" in err[-1] and "(truncated?)" in err[-1], err[-1]
+    assert "--overwrite true" in err[-1]
+    # Nothing of the run was touched: the evidence is still there, no log grew.
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items()
+                                                                       if k != "config.yaml"}
+    # --overwrite is the explicit way to start again.
+    run_inprocess(module, [*args, "--overwrite", "true"])
+    assert (out / "checkpoints" / "checkpoint_step_2" / "manifest.json").is_file()
+
+
+def test_load_latest_with_only_corrupt_checkpoints_refuses_in_a_plain_trainer(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--max-steps", "4", "--interval", "2", "--workers", "0"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        _truncate(root / f"checkpoint_step_{step}" / "optimizer.pt")
+    proc = subprocess.run([*cmd[:4], "6", *cmd[5:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: load='latest': no checkpoint in {root} can be resumed from: "), last
+    for step in (4, 2):  # newest first, each with what is wrong with it
+        assert f"{root / f'checkpoint_step_{step}' / 'optimizer.pt'}:" in last
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_2", "checkpoint_step_4"]
