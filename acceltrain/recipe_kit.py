@@ -489,6 +489,8 @@ class RecipeTrainer(BaseTrainer):
     def __init__(self, cfg: Any, **trainer_kwargs: Any):
         self.cfg = cfg
         super().__init__(**trainer_kwargs)
+        # Recipes train tokenizers and pack data in their constructors: a signal there exits cleanly.
+        self._early_exit.install()
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
                                        is_main=self.accelerator.is_main_process)
 

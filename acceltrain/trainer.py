@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
 from .hooks.base import EVENTS, BaseHook
+from .signals import EarlyExit
 from .utils import key_average
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~50 MiB: imported when a state is taken
@@ -146,6 +147,7 @@ class BaseTrainer(GradientOps):
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
         self._data: DataStream | None = None
+        self._early_exit = EarlyExit()  # signals before training starts: a clean exit (train())
 
     # ------------------------------------------------------------------ build contract
     def build_data_loader(self) -> Iterable:
@@ -213,11 +215,23 @@ class BaseTrainer(GradientOps):
 
     # ------------------------------------------------------------------ public API
     def train(self) -> None:
-        """Build, prepare, then run steps until ``max_steps`` or a stop request."""
-        self._build()
+        """Build, prepare, then run steps until ``max_steps`` or a stop request.
+
+        From the call until the hooks' ``on_before_train`` has run, SIGTERM, SIGINT and SIGUSR1
+        (where still at their defaults) exit cleanly with ``128+signum`` (see
+        :mod:`acceltrain.signals`); from then on ``CheckpointingHook`` owns them.
+        """
+        early = self._early_exit
+        early.install()
+        try:
+            self._build()
+        except BaseException:
+            early.release()
+            raise
         finished = False
         try:
             self._call_hook("on_before_train")
+            early.release()  # training has begun: a CheckpointingHook has installed its own handlers
             while self.step < self.max_steps and not self.should_stop:
                 self._run_step()
             self._call_hook("on_after_train")
@@ -228,6 +242,7 @@ class BaseTrainer(GradientOps):
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self._call_hook("on_teardown")  # also after an exception: hooks release what they hold
+            early.release()
         if self.exit_code is not None:
             raise SystemExit(self.exit_code)
 

@@ -122,6 +122,7 @@ class CheckpointingHook(BaseHook):
         self.loaded_from: Path | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._early_exit: Any = None
         self._last_saved = -1
 
     def root(self, trainer: BaseTrainer) -> Path:
@@ -245,9 +246,12 @@ class CheckpointingHook(BaseHook):
                 trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
 
             self._previous_handlers[signum] = signal.signal(signum, handler)
+        self._early_exit = trainer._early_exit
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous_handlers.items():
+            # Not back to the trainer's before-training handler: training has begun.
+            previous = self._early_exit.original(signum, previous) if self._early_exit else previous
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
 

@@ -4,7 +4,6 @@ cleanly in bounded time (a clean exit before training, a checkpoint once it has 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -75,3 +74,39 @@ def test_load_latest_with_only_corrupt_checkpoints_refuses_in_a_plain_trainer(tm
         assert f"{root / f'checkpoint_step_{step}' / 'optimizer.pt'}:" in last
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_2", "checkpoint_step_4"]
+
+
+def _signal_when_ready(workspace: Path, at: str, signum: int) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(EARLY), str(workspace), "--at", at], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (workspace / "READY").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - sent
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_building_the_data_exits_cleanly_with_nothing_half_written(tmp_path, signum):
+    proc, took = _signal_when_ready(tmp_path, "build", signum)
+    assert proc.returncode == 128 + signum, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{name} before training started: exiting with {128 + signum}; nothing was trained or saved")
+    assert took < 30  # the 60 s wait was cut short by the signal
+    # The half-written cache file left no final name behind, and nothing was checkpointed.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["READY"]
+
+
+def test_signal_during_a_long_first_step_ends_in_a_checkpoint_of_step_1(tmp_path):
+    proc, _ = _signal_when_ready(tmp_path, "first-step", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    from acceltrain.checkpoint import verify_checkpoint
+
+    folder = (tmp_path / "checkpoints" / "checkpoint_latest").resolve()
+    assert folder.name == "checkpoint_step_1" and verify_checkpoint(folder)["step"] == 1
