@@ -237,6 +237,22 @@ def _load_optimizer(trainer: BaseTrainer, sd: dict[str, Any], path: Path) -> Non
         setattr(opt.loss_scaler, key, value)
 
 
+def refuse_resize(folder: Path, manifest: dict[str, Any], world: int) -> None:
+    """A ZeRO checkpoint on another number of processes: refused in one line that says what to do.
+
+    ZeRO partitions (fp32 master weights and moments, flattened per rank) are laid out for one
+    data-parallel size, and DeepSpeed's universal-checkpoint conversion (``ds_to_universal``)
+    reads DeepSpeed's own pickled layout, which these safe-loading folders do not use.
+    """
+    saved = int(manifest["world_size"])
+    ds = manifest.get("deepspeed") or {}
+    stage = ds.get("zero_stage", "?")
+    raise CheckpointError(
+        f"{folder}: saved by {saved} processes, this run has {world}; DeepSpeed ZeRO-{stage} partitions resume "
+        f"only on the same number of processes: resume with {saved} processes, or continue on {world} from "
+        f"its weights alone (new optimizer state) with: acceltrain checkpoint-weights {folder} OUT_DIR")
+
+
 def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any], state: dict[str, Any],
                    strict: bool = True) -> None:
     """Restore a checkpoint written by :func:`save_deepspeed` (``state``: the loaded training state)."""

@@ -44,13 +44,19 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(base) / "acceltrain"
 
 
-def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> bool:
+def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool,
+                     resize: dict[str, Any] | None = None) -> bool:
     """Refuse to mix runs in one folder; returns whether there is a checkpoint to resume from.
 
     A folder holding checkpoints, logs or an export of an earlier run needs ``resume``
     (continue it; without a checkpoint it starts again, appending to its logs) or ``overwrite``
     (delete that run's checkpoints, logs and export first). Without either the run stops with a
     one-line error before anything is written.
+
+    With ``resume``, checkpoints of which none checks out are an error, not a fresh start; and
+    ``resize`` (``world``, ``micro_batch``, ``accumulation``, ``allow_global_batch_change``)
+    checks up front that the newest one can continue on this number of processes
+    (:func:`acceltrain.elastic.plan_resize`), so a refusal leaves the run folder untouched.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
@@ -60,7 +66,7 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
         return False
     if resume:
         if found:
-            _check_resumable(output_dir / "checkpoints", is_main=is_main)
+            _check_resumable(output_dir / "checkpoints", is_main=is_main, resize=resize)
         return bool(found)
     if not overwrite:
         what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
@@ -77,17 +83,32 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     return False
 
 
-def _check_resumable(root: Path, *, is_main: bool) -> None:
+def _check_resumable(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> None:
     """--resume with checkpoints of which none checks out is an error on every rank (exit 2),
-    raised before the run writes anything: never a silent fresh start."""
-    from .checkpoint import CheckpointError, find_latest_checkpoint
+    raised before the run writes anything: never a silent fresh start. So is a resume on another
+    number of processes that cannot keep the global batch (or a DeepSpeed one)."""
+    import json
+
+    from .checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint
 
     problem = None
     if is_main:  # one rank reads the files; the others hear the verdict
         try:
-            find_latest_checkpoint(root, clean=False, required="--resume true")
+            folder = find_latest_checkpoint(root, clean=False, required="--resume true")
+            if folder is not None and resize is not None:
+                from .elastic import plan_resize
+
+                manifest = json.loads((folder / MANIFEST).read_text())
+                if manifest.get("deepspeed") and manifest["world_size"] != resize["world"]:
+                    from .checkpoint_deepspeed import refuse_resize
+
+                    refuse_resize(folder, manifest, resize["world"])
+                plan_resize(manifest, folder=folder, **resize)
         except CheckpointError as e:
-            problem = f"{e}; repair or move them away, or pass --overwrite true to start over"
+            problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \
+                if "can be resumed from" in str(e) else str(e)
+        except UserError as e:
+            problem = str(e)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from accelerate.utils import broadcast_object_list
 
@@ -191,6 +212,9 @@ class TrainingConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run Python code shipped with a Hub model"})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
+    allow_global_batch_change: bool = field(default=False, metadata={
+        "help": "Resuming on another number of processes: continue even when no accumulation keeps the "
+                "samples per step (default: refuse)"})
 
     def validate_training(self) -> None:
         """Raise ConfigError for a count below 1 or a learning rate out of range."""
@@ -208,7 +232,7 @@ class TrainingConfig:
         return dict(max_steps=self.max_steps, grad_clip=self.grad_clip, max_non_finite_grad_retries=3,
                     mixed_precision=choose_precision(self.mixed_precision),
                     gradient_accumulation_steps=self.gradient_accumulation_steps, workspace=self.output_dir,
-                    data_seed=self.seed)
+                    data_seed=self.seed, allow_global_batch_change=self.allow_global_batch_change)
 
 
 @dataclass
@@ -491,8 +515,13 @@ class RecipeTrainer(BaseTrainer):
         super().__init__(**trainer_kwargs)
         # Recipes train tokenizers and pack data in their constructors: a signal there exits cleanly.
         self._early_exit.install()
+        if "allow_global_batch_change" not in trainer_kwargs:
+            self.allow_global_batch_change = bool(getattr(cfg, "allow_global_batch_change", False))
+        resize = dict(world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
+                      accumulation=cfg.gradient_accumulation_steps,
+                      allow_global_batch_change=self.allow_global_batch_change)
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=self.accelerator.is_main_process)
+                                       is_main=self.accelerator.is_main_process, resize=resize)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -63,6 +63,9 @@ class BaseTrainer(GradientOps):
         accelerator_kwargs: Extra keyword arguments for the ``Accelerator`` the trainer creates.
         data_seed: Seed of the shuffling order when the trainer makes the data loader
             resumable; default: the loader's generator seed, else rank 0's ``torch.initial_seed()``.
+        allow_global_batch_change: On a resume with another number of processes whose samples
+            per step no accumulation can keep, continue with the new global batch (logged)
+            instead of refusing (see :mod:`acceltrain.elastic`).
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -95,6 +98,7 @@ class BaseTrainer(GradientOps):
         accelerator: Accelerator | None = None,
         accelerator_kwargs: dict[str, Any] | None = None,
         data_seed: int | None = None,
+        allow_global_batch_change: bool = False,
     ) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
@@ -146,6 +150,7 @@ class BaseTrainer(GradientOps):
         self._built = False
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
+        self.allow_global_batch_change = allow_global_batch_change
         self._data: DataStream | None = None
         self._early_exit = EarlyExit()  # signals before training starts: a clean exit (train())
 
@@ -283,25 +288,31 @@ class BaseTrainer(GradientOps):
         self._call_hook("on_state_dict", state)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True,
+                        full_state_dict: bool = False) -> None:
         """Restore ``state_dict()``'s output. Before ``train()`` it is kept and applied after building.
 
         The data position is restored too: the next batch is the one the saved run would have
         drawn (checked by a fingerprint of its sample indices; ``strict_data=False`` warns
-        instead of raising on a mismatch).
+        instead of raising on a mismatch). ``full_state_dict``: the model and optimizer state
+        hold full tensors, to be laid out on the live (FSDP2) mesh, e.g. a checkpoint of another
+        world size.
         """
         if not self._built:
             self._pending_state = state_dict
             return
         if state_dict.get("model") is not None:  # None: a DeepSpeed engine restored its own
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            options = self.state_dict_options
+            if full_state_dict:
+                options = StateDictOptions(full_state_dict=True, strict=getattr(options, "strict", True))
             set_state_dict(
                 self.model,
                 self._inner_optimizer,
                 model_state_dict=state_dict["model"],
                 optim_state_dict=state_dict["optimizer"],
-                options=self.state_dict_options,
+                options=options,
             )
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
@@ -311,6 +322,12 @@ class BaseTrainer(GradientOps):
         self._data.load_state_dict(state_dict.get("data"), strict=strict_data)
         self._load_hook_states(state_dict.get("hooks") or {})
         self._call_hook("on_load_state_dict", state_dict)
+
+    def _set_gradient_accumulation_steps(self, accumulation: int) -> None:
+        """Change the micro-batches per step after building (a resume on another world size)."""
+        self.gradient_accumulation_steps = accumulation
+        self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and accumulation > 1
+                             and not self._deepspeed)
 
     def log(self, records: dict[str, Any], dry_run: bool = False) -> None:
         """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this)."""
