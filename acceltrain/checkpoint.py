@@ -541,7 +541,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
 
         position = trainer._data.position
         seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
-    if plan is not None and acc.is_main_process:
+    if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
         logger.warning("%s", plan.message)
     return manifest
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 __all__ = [
-    "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
+    "cache_root", "guard_output_dir", "check_resume", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
     "TrainingConfig", "LoraFields", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
     "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
     "generate_sample", "SampleHook", "RecipeTrainer",
@@ -45,7 +45,7 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool,
-                     resize: dict[str, Any] | None = None) -> bool:
+                     verify: bool = True) -> bool:
     """Refuse to mix runs in one folder; returns whether there is a checkpoint to resume from.
 
     A folder holding checkpoints, logs or an export of an earlier run needs ``resume``
@@ -53,10 +53,8 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     (delete that run's checkpoints, logs and export first). Without either the run stops with a
     one-line error before anything is written.
 
-    With ``resume``, checkpoints of which none checks out are an error, not a fresh start; and
-    ``resize`` (``world``, ``micro_batch``, ``accumulation``, ``allow_global_batch_change``)
-    checks up front that the newest one can continue on this number of processes
-    (:func:`acceltrain.elastic.plan_resize`), so a refusal leaves the run folder untouched.
+    With ``resume`` (and ``verify``), checkpoints of which none checks out are an error, not a
+    fresh start (:func:`check_resume`, which recipes call themselves with ``verify=False``).
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
@@ -65,8 +63,8 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     if not found and not outputs:
         return False
     if resume:
-        if found:
-            _check_resumable(output_dir / "checkpoints", is_main=is_main, resize=resize)
+        if found and verify:
+            check_resume(output_dir / "checkpoints", is_main=is_main)
         return bool(found)
     if not overwrite:
         what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
@@ -83,15 +81,24 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     return False
 
 
-def _check_resumable(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> None:
-    """--resume with checkpoints of which none checks out is an error on every rank (exit 2),
-    raised before the run writes anything: never a silent fresh start. So is a resume on another
-    number of processes that cannot keep the global batch (or a DeepSpeed one)."""
+def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> Any:
+    """Check before anything is written that ``--resume`` can be honoured; every rank must call it.
+
+    Checkpoints of which none checks out are an error on every rank (exit 2), never a silent
+    fresh start. With ``resize`` (``world``, ``micro_batch``, ``accumulation``,
+    ``allow_global_batch_change``), the newest checkpoint must also continue on this number of
+    processes (:func:`acceltrain.elastic.plan_resize`; DeepSpeed ones only on their own), so a
+    refusal leaves the run folder untouched.
+
+    Returns:
+        The :class:`~acceltrain.elastic.ResizePlan` (the same on every rank), or None for the same
+        world size or no checkpoint.
+    """
     import json
 
     from .checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint
 
-    problem = None
+    problem = plan = None
     if is_main:  # one rank reads the files; the others hear the verdict
         try:
             folder = find_latest_checkpoint(root, clean=False, required="--resume true")
@@ -103,7 +110,7 @@ def _check_resumable(root: Path, *, is_main: bool, resize: dict[str, Any] | None
                     from .checkpoint_deepspeed import refuse_resize
 
                     refuse_resize(folder, manifest, resize["world"])
-                plan_resize(manifest, folder=folder, **resize)
+                plan = plan_resize(manifest, folder=folder, **resize)
         except CheckpointError as e:
             problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \
                 if "can be resumed from" in str(e) else str(e)
@@ -112,11 +119,12 @@ def _check_resumable(root: Path, *, is_main: bool, resize: dict[str, Any] | None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from accelerate.utils import broadcast_object_list
 
-        box = [problem]
+        box = [problem, plan]
         broadcast_object_list(box, from_process=0)
-        problem = box[0]
+        problem, plan = box
     if problem is not None:
         raise UserError(problem)
+    return plan
 
 
 # What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).
@@ -517,11 +525,21 @@ class RecipeTrainer(BaseTrainer):
         self._early_exit.install()
         if "allow_global_batch_change" not in trainer_kwargs:
             self.allow_global_batch_change = bool(getattr(cfg, "allow_global_batch_change", False))
-        resize = dict(world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
-                      accumulation=cfg.gradient_accumulation_steps,
-                      allow_global_batch_change=self.allow_global_batch_change)
+        is_main = self.accelerator.is_main_process
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=self.accelerator.is_main_process, resize=resize)
+                                       is_main=is_main, verify=False)
+        if self.resume:
+            plan = check_resume(self.workspace / "checkpoints", is_main=is_main, resize=dict(
+                world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
+                accumulation=cfg.gradient_accumulation_steps,
+                allow_global_batch_change=self.allow_global_batch_change))
+            if plan is not None:
+                # Set before anything is built, so what the recipe derives from the config (tokens
+                # per step, the model card) fits the resized run; load_checkpoint then agrees.
+                cfg.gradient_accumulation_steps = self.gradient_accumulation_steps = plan.accumulation
+                self._resize_announced = True
+                if is_main:
+                    self.logger.warning("%s", plan.message)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

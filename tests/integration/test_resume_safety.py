@@ -4,6 +4,7 @@ cleanly in bounded time (a clean exit before training, a checkpoint once it has 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,3 +111,32 @@ def test_signal_during_a_long_first_step_ends_in_a_checkpoint_of_step_1(tmp_path
 
     folder = (tmp_path / "checkpoints" / "checkpoint_latest").resolve()
     assert folder.name == "checkpoint_step_1" and verify_checkpoint(folder)["step"] == 1
+
+
+def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writing_anything(tmp_path, capsys):
+    """The recipe checks a resume on another world size up front (recipe_kit.check_resume): the
+    manifest is rewritten here as if 2 processes had saved it with 40 samples per step, which
+    this 1-process run with micro-batches of 16 cannot make."""
+    module = load_recipe()
+    os.environ["ACCELTRAIN_CACHE"] = str(tmp_path / "cache")
+    data = write(tmp_path / "train.jsonl", keyword_rows(64, seed=0))
+    out = tmp_path / "run"
+    args = ["--dataset", str(data), *TINY, "--max_steps", "2", "--eval_interval", "2", "--save_interval", "2",
+            "--output_dir", str(out)]
+    run_inprocess(module, args)
+    folder = out / "checkpoints" / "checkpoint_step_2"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["batch"] == {"micro_batch": 16, "accumulation": 1, "global_batch": 16}
+    manifest.update(world_size=2, batch={"micro_batch": 20, "accumulation": 1, "global_batch": 40})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(module, [*args, "--max_steps", "4", "--resume", "true"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder}: saved with 40 samples per step (20 per process x accumulation 1 x 2 processes); on 1 "
+        "process with micro-batch 16 a step is a multiple of 16 samples, so no accumulation keeps 40 (this run would "
+        "use 16): resume on a number of processes that keeps it, or pass --allow_global_batch_change true "
+        "(allow_global_batch_change=True) to continue with the new global batch")
+    assert _snapshot(out) == before  # config.yaml included: refused before anything was written
