@@ -140,3 +140,27 @@ def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writin
         "use 16): resume on a number of processes that keeps it, or pass --allow_global_batch_change true "
         "(allow_global_batch_change=True) to continue with the new global batch")
     assert _snapshot(out) == before  # config.yaml included: refused before anything was written
+
+
+def test_signal_during_the_pretrain_recipes_data_preparation_exits_cleanly(tmp_path):
+    """SIGTERM while the recipe's constructor writes its tokenizer/packing cache: exit 143 in one
+    line, and the cache file that was being written never appears under its final name."""
+    from tests.integration.test_pretrain import TINY, make_corpus
+
+    cache, ready = tmp_path / "cache", tmp_path / "READY"
+    corpus = make_corpus(tmp_path / "docs.jsonl", docs=60)
+    env = {**os.environ, "ACCELTRAIN_CACHE": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "scripts" / "pretrain_paused.py"), str(ready),
+                             "--", "--output_dir", str(tmp_path / "run"), "--dataset", str(corpus), "--max_steps", "2",
+                             *TINY], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not ready.exists() or not ready.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "SIGTERM before training started: exiting with 143; nothing was trained or saved"
+    assert not Path(ready.read_text()).exists()  # the interrupted cache file has no final name
+    assert not (tmp_path / "run" / "checkpoints").exists()
