@@ -246,7 +246,7 @@ class CheckpointingHook(BaseHook):
                 trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
 
             self._previous_handlers[signum] = signal.signal(signum, handler)
-        self._early_exit = trainer._early_exit
+        self._early_exit = getattr(trainer, "_early_exit", None)
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous_handlers.items():
