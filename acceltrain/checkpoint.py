@@ -341,7 +341,14 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
             # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
             # weights_only pickle); loading rebuilds the DTensors on the same mesh.
             names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
-            save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / names[1]))
+            # Tied weights (an LM head sharing the embedding) share storage, which safetensors
+            # refuses: store each storage once and name the aliases in the manifest.
+            local = {k: _local(v) for k, v in state["model"].items()}
+            unique = dedupe_tensors(local)
+            first = {(t.untyped_storage().data_ptr(), t.storage_offset()): k for k, t in reversed(local.items())}
+            tied = {k: first[(t.untyped_storage().data_ptr(), t.storage_offset())]
+                    for k, t in local.items() if k not in unique}
+            save_file(unique, str(tmp / names[1]))
             torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
         elif acc.is_main_process:
             names += ["model.safetensors", "optimizer.pt"]
@@ -354,6 +361,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
 
             own_extra["dtensor_shapes"] = {"model": dtensor_shapes(state["model"]),
                                            "optimizer": dtensor_shapes(state["optimizer"])}
+            own_extra["tied"] = tied
     own_extra = {**own_extra, **_layout(trainer)}
     if acc.is_main_process:
         names.append("trainer_state.pt")
@@ -520,8 +528,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     if manifest.get("sharded") and plan is None and live_sharded:
         full = False  # the same mesh: each rank reads only its own shards
         state["model"], state["optimizer"] = _reshard(
-            trainer, _load_safetensors(folder / f"model_shard_{rank}.safetensors"),
-            _load(folder / f"optimizer_shard_{rank}.pt"))
+            trainer, _model_shard(folder, manifest, rank), _load(folder / f"optimizer_shard_{rank}.pt"))
     elif manifest.get("sharded"):
         state["model"], state["optimizer"] = _full_from_shards(folder, manifest)
     else:
@@ -561,6 +568,14 @@ def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) ->
         raise CheckpointError(str(e)) from None
 
 
+def _model_shard(folder: Path, manifest: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s saved FSDP2 weight shards, tied names (stored once) given back their tensor."""
+    weights = _load_safetensors(folder / f"model_shard_{rank}.safetensors")
+    for alias, source in (manifest.get("tied") or {}).items():
+        weights[alias] = weights[source]
+    return weights
+
+
 def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Full model and optimizer state from every saved rank's FSDP2 shards (world-size independent)."""
     from .elastic import full_from_shards
@@ -570,8 +585,7 @@ def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str,
         raise CheckpointError(f"{folder}: sharded by {manifest['world_size']} processes before shard shapes were "
                               f"recorded; resume with {manifest['world_size']} processes")
     world = int(manifest["world_size"])
-    model = full_from_shards([_load_safetensors(folder / f"model_shard_{r}.safetensors") for r in range(world)],
-                             shapes["model"])
+    model = full_from_shards([_model_shard(folder, manifest, r) for r in range(world)], shapes["model"])
     optim = full_from_shards([_load(folder / f"optimizer_shard_{r}.pt") for r in range(world)], shapes["optimizer"],
                              prefix="")
     return model, optim
