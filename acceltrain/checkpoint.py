@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .config import UserError
+from .elastic import dtensor_shapes, manifest_layout
 from .utils import dedupe_tensors, map_nested_tensor
 
 if TYPE_CHECKING:
@@ -357,12 +358,11 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
         own_extra = {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen)
                      if frozen and not sharded else None}
         if sharded:  # what full_from_shards needs to reassemble the shards on another world size
-            from .elastic import dtensor_shapes
 
             own_extra["dtensor_shapes"] = {"model": dtensor_shapes(state["model"]),
                                            "optimizer": dtensor_shapes(state["optimizer"])}
             own_extra["tied"] = tied
-    own_extra = {**own_extra, **_layout(trainer)}
+    own_extra = {**own_extra, **manifest_layout(trainer)}
     if acc.is_main_process:
         names.append("trainer_state.pt")
         torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer", *_PER_RANK)},
@@ -382,24 +382,6 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     handle.wait()
     acc.wait_for_everyone()  # every rank returns after the folder is complete
     return handle
-
-
-def _layout(trainer: BaseTrainer) -> dict[str, Any]:
-    """The manifest's record of the step's make-up and the sampler (for a resume on another world)."""
-    from .elastic import batch_layout
-
-    position = trainer._data.position if trainer._data is not None else None
-    world = trainer.accelerator.num_processes
-    layout: dict[str, Any] = {"batch": batch_layout(world=world, micro_batch=position.batch_size if position else None,
-                                                    accumulation=trainer.gradient_accumulation_steps)}
-    if position is not None:
-        sampler = position.sampler
-        layout["sampler"] = {"layout": "global", "num_replicas": sampler.num_replicas,
-                             "dataset_len": sampler.dataset_len, "shuffle": sampler.shuffle,
-                             "drop_last": sampler.drop_last, "seed": position.seed}
-    else:  # iterables and custom samplers resume by re-reading their batches, per rank
-        layout["sampler"] = {"layout": "per-rank batches"}
-    return layout
 
 
 def _load(path: Path) -> Any:

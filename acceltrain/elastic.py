@@ -33,7 +33,8 @@ import torch
 
 from .config import UserError
 
-__all__ = ["ResizePlan", "plan_resize", "batch_layout", "seed_new_rank", "full_from_shards"]
+__all__ = ["ResizePlan", "plan_resize", "batch_layout", "manifest_layout", "seed_new_rank", "full_from_shards",
+           "dtensor_shapes"]
 
 
 def _procs(n: int) -> str:
@@ -141,3 +142,19 @@ def dtensor_shapes(obj: Any, *, prefix: str = "") -> dict[str, list[int]]:
             raise UserError(f"{prefix[:-1]}: sharded as {obj.placements}; only Shard(0) (FSDP2) is supported")
         return {prefix[:-1]: list(obj.shape)}
     return {}
+
+
+def manifest_layout(trainer: Any) -> dict[str, Any]:
+    """The manifest's record of the step's make-up and the sampler (for a resume on another world)."""
+    position = trainer._data.position if trainer._data is not None else None
+    world = trainer.accelerator.num_processes
+    layout: dict[str, Any] = {"batch": batch_layout(world=world, micro_batch=position.batch_size if position else None,
+                                                    accumulation=trainer.gradient_accumulation_steps)}
+    if position is not None:
+        sampler = position.sampler
+        layout["sampler"] = {"layout": "global", "num_replicas": sampler.num_replicas,
+                             "dataset_len": sampler.dataset_len, "shuffle": sampler.shuffle,
+                             "drop_last": sampler.drop_last, "seed": position.seed}
+    else:  # iterables and custom samplers resume by re-reading their batches, per rank
+        layout["sampler"] = {"layout": "per-rank batches"}
+    return layout
