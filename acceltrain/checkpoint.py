@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .config import UserError
+from .elastic import dtensor_shapes, manifest_layout
 from .utils import dedupe_tensors, map_nested_tensor
 
 if TYPE_CHECKING:
@@ -160,23 +161,37 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def find_latest_checkpoint(root: Path, *, clean: bool = True) -> Path | None:
+def find_latest_checkpoint(root: Path, *, clean: bool = True, required: str | None = None) -> Path | None:
     """The newest folder under ``root`` whose manifest checks out; torn ones are warned about.
 
-    With ``clean`` (main process only), temporary folders of interrupted saves are removed.
+    With ``clean`` (main process only), temporary folders of interrupted saves are removed
+    (they never held a complete checkpoint: the rename is the save's last act).
+
+    Args:
+        required: The setting that asked for a resume (e.g. ``"--resume true"``). With it, a
+            ``checkpoint_step_N`` folder that exists while none checks out is an error naming
+            every folder's problem, never a silent fresh start: a resume that was asked for and
+            cannot be honoured must not train from step 0 (and let retention delete the evidence).
+
+    Raises:
+        CheckpointError: with ``required``, when checkpoints exist and none is valid.
     """
     root = Path(root)
     if clean and root.is_dir():
         for stale in root.glob(".tmp_checkpoint_step_*"):
             logger.warning("removing %s: an interrupted checkpoint save", stale)
             shutil.rmtree(stale, ignore_errors=True)
+    problems = []
     for folder in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(folder)
         except CheckpointError as e:
             logger.warning("skipping checkpoint %s", e)
+            problems.append(str(e))
             continue
         return folder
+    if required and problems:
+        raise CheckpointError(f"{required}: no checkpoint in {root} can be resumed from: {'; '.join(problems)}")
     return None
 
 
@@ -327,7 +342,14 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
             # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
             # weights_only pickle); loading rebuilds the DTensors on the same mesh.
             names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
-            save_file({k: _local(v) for k, v in state["model"].items()}, str(tmp / names[1]))
+            # Tied weights (an LM head sharing the embedding) share storage, which safetensors
+            # refuses: store each storage once and name the aliases in the manifest.
+            local = {k: _local(v) for k, v in state["model"].items()}
+            unique = dedupe_tensors(local)
+            first = {(t.untyped_storage().data_ptr(), t.storage_offset()): k for k, t in reversed(local.items())}
+            tied = {k: first[(t.untyped_storage().data_ptr(), t.storage_offset())]
+                    for k, t in local.items() if k not in unique}
+            save_file(unique, str(tmp / names[1]))
             torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
         elif acc.is_main_process:
             names += ["model.safetensors", "optimizer.pt"]
@@ -335,6 +357,12 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
             torch.save(state["optimizer"], tmp / "optimizer.pt")
         own_extra = {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen)
                      if frozen and not sharded else None}
+        if sharded:  # what full_from_shards needs to reassemble the shards on another world size
+
+            own_extra["dtensor_shapes"] = {"model": dtensor_shapes(state["model"]),
+                                           "optimizer": dtensor_shapes(state["optimizer"])}
+            own_extra["tied"] = tied
+    own_extra = {**own_extra, **manifest_layout(trainer)}
     if acc.is_main_process:
         names.append("trainer_state.pt")
         torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer", *_PER_RANK)},
@@ -458,34 +486,91 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     folder = Path(folder)
     manifest = verify_checkpoint(folder) if verify else json.loads((folder / MANIFEST).read_text())
     acc = trainer.accelerator
-    if manifest["world_size"] != acc.num_processes:
-        raise CheckpointError(
-            f"{folder}: saved by {manifest['world_size']} processes, this run has {acc.num_processes}; "
-            "resume with the same number of processes"
-        )
+    rank, saved_world = acc.process_index, int(manifest["world_size"])
+    deepspeed = manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False)
+    if saved_world != acc.num_processes and deepspeed:
+        from .checkpoint_deepspeed import refuse_resize
+
+        refuse_resize(folder, manifest, acc.num_processes)
+    plan = resize_plan(trainer, folder, manifest)
     state = _load(folder / "trainer_state.pt")
-    rank_state = _load(folder / f"rank_state_{acc.process_index}.pt")
+    # A rank the saved run did not have takes rank 0's hook states (hooks that decide together,
+    # like early stopping, must agree) and data position (global, the same on every rank).
+    own = rank < saved_world
+    rank_state = _load(folder / f"rank_state_{rank if own else 0}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
-    if manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False):
+    if deepspeed:
         from .checkpoint_deepspeed import load_deepspeed
 
         load_deepspeed(trainer, folder, manifest, state, strict=strict)  # refuses a different setup
         set_rng_state(rank_state["rng"])
         return manifest
-    if manifest.get("sharded"):
-        rank = acc.process_index
+    live_sharded = any(_is_dtensor(p) for p in trainer.model.parameters())
+    full = True
+    if manifest.get("sharded") and plan is None and live_sharded:
+        full = False  # the same mesh: each rank reads only its own shards
         state["model"], state["optimizer"] = _reshard(
-            trainer, _load_safetensors(folder / f"model_shard_{rank}.safetensors"),
-            _load(folder / f"optimizer_shard_{rank}.pt"))
+            trainer, _model_shard(folder, manifest, rank), _load(folder / f"optimizer_shard_{rank}.pt"))
+    elif manifest.get("sharded"):
+        state["model"], state["optimizer"] = _full_from_shards(folder, manifest)
     else:
         state["model"] = _load_safetensors(folder / "model.safetensors")
         state["optimizer"] = _load(folder / "optimizer.pt")
         if manifest.get("frozen"):
             add_frozen_weights(trainer.unwrapped_model, state["model"], manifest["frozen"], folder)
         restore_tied(trainer.unwrapped_model, state["model"])
-    trainer.load_state_dict(state, strict_data=strict)
-    set_rng_state(rank_state["rng"])
+    if plan is not None:
+        trainer._set_gradient_accumulation_steps(plan.accumulation)
+    # Full tensors into FSDP2 parameters: laid out on the live mesh by set_state_dict.
+    trainer.load_state_dict(state, strict_data=strict, full_state_dict=full and live_sharded)
+    if own:
+        set_rng_state(rank_state["rng"])
+    else:
+        from .elastic import seed_new_rank
+
+        position = trainer._data.position
+        seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
+    if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
+        logger.warning("%s", plan.message)
     return manifest
+
+
+def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> Any:
+    """The :class:`~acceltrain.elastic.ResizePlan` for resuming ``manifest`` in this trainer (None:
+    the same world size); raises CheckpointError when the global batch cannot be kept."""
+    from .elastic import plan_resize
+
+    position = trainer._data.position if trainer._data is not None else None
+    try:
+        return plan_resize(manifest, folder=folder, world=trainer.accelerator.num_processes,
+                           micro_batch=position.batch_size if position is not None else None,
+                           accumulation=trainer.gradient_accumulation_steps,
+                           allow_global_batch_change=trainer.allow_global_batch_change)
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _model_shard(folder: Path, manifest: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s saved FSDP2 weight shards, tied names (stored once) given back their tensor."""
+    weights = _load_safetensors(folder / f"model_shard_{rank}.safetensors")
+    for alias, source in (manifest.get("tied") or {}).items():
+        weights[alias] = weights[source]
+    return weights
+
+
+def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full model and optimizer state from every saved rank's FSDP2 shards (world-size independent)."""
+    from .elastic import full_from_shards
+
+    shapes = manifest.get("dtensor_shapes")
+    if shapes is None:
+        raise CheckpointError(f"{folder}: sharded by {manifest['world_size']} processes before shard shapes were "
+                              f"recorded; resume with {manifest['world_size']} processes")
+    world = int(manifest["world_size"])
+    model = full_from_shards([_model_shard(folder, manifest, r) for r in range(world)], shapes["model"])
+    optim = full_from_shards([_load(folder / f"optimizer_shard_{r}.pt") for r in range(world)], shapes["optimizer"],
+                             prefix="")
+    return model, optim
 
 
 def restore_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -20,9 +20,11 @@ plain fails the save loudly. Loading rebuilds the objects from the live engine a
 state to the optimizer's own ``load_state_dict`` (fp32 master weights restored exactly), as
 ``engine.load_checkpoint`` would, with ``weights_only=True`` throughout.
 
-Like FSDP2 shards, a ZeRO checkpoint resumes only with the same number of processes, the same
-ZeRO stage and the same mixed precision (refused otherwise, naming the mismatch): partitions
-are laid out for one world size, and DeepSpeed itself refuses a changed data-parallel size.
+Unlike FSDP2 shards (reassembled for any world size, :mod:`acceltrain.elastic`), a ZeRO
+checkpoint resumes only with the same number of processes, the same ZeRO stage and the same
+mixed precision (refused otherwise in one line, exit 2, naming the mismatch): the partitions
+are laid out for one world size, and DeepSpeed's own re-partitioning (``ds_to_universal``)
+reads DeepSpeed's pickled layout, which these safe-loading folders do not use.
 Not supported (refused before training): NVMe optimizer offload (the state lives in swap
 files outside the folder), MoE layers, ``elastic_checkpoint``, and stage 0 with mixed
 precision (DeepSpeed's ``FP16_Optimizer``/``BF16_Optimizer`` wrappers).
@@ -235,6 +237,23 @@ def _load_optimizer(trainer: BaseTrainer, sd: dict[str, Any], path: Path) -> Non
         opt.checkpoint_event_epilogue()
     for key, value in numbers.items():
         setattr(opt.loss_scaler, key, value)
+
+
+def refuse_resize(folder: Path, manifest: dict[str, Any], world: int) -> None:
+    """A ZeRO checkpoint on another number of processes: refused in one line that says what to do.
+
+    ZeRO partitions (fp32 master weights and moments, flattened per rank) are laid out for one
+    data-parallel size, and DeepSpeed's universal-checkpoint conversion (``ds_to_universal``)
+    reads DeepSpeed's own pickled layout, which these safe-loading folders do not use.
+    """
+    saved = int(manifest["world_size"])
+    ds = manifest.get("deepspeed") or {}
+    stage = ds.get("zero_stage", "?")
+    raise CheckpointError(
+        f"{folder}: saved by {saved} process{'es' if saved != 1 else ''}, this run has {world}; resume with the "
+        "same number of processes "
+        f"({saved}): DeepSpeed ZeRO-{stage} partitions are laid out per data-parallel rank and acceltrain cannot "
+        "re-partition them (a DDP or FSDP2 checkpoint resumes on any number)")
 
 
 def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any], state: dict[str, Any],

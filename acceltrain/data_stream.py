@@ -73,54 +73,97 @@ class DataPosition:
         self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=self.sampler,
                                  generator=self.generator, **kwargs)
         self.epoch = 0
-        self.samples_in_epoch = 0  # consumed by the trainer (not prefetched by workers)
+        self.global_start = 0  # samples of the epoch all ranks consumed before this pass (a resize)
+        self.samples_in_epoch = 0  # this rank's, consumed by the trainer (not prefetched by workers)
         self._check: str | None = None
 
-    def start_epoch(self, epoch: int, start: int = 0) -> None:
+    def start_epoch(self, epoch: int, start: int = 0, *, global_start: int = 0) -> None:
+        """Begin ``epoch`` after this rank's first ``start`` samples, or (a resized resume) after
+        the first ``global_start`` samples of the epoch's order counted over all ranks."""
         self.epoch = epoch
-        self.samples_in_epoch = start
         self.sampler.set_epoch(epoch)
-        self.sampler.set_start(start)
+        if global_start:
+            self.sampler.set_global_start(global_start)
+            # set_global_start takes the per-rank path when the position divides evenly.
+            self.global_start = self.sampler._global_start
+            self.samples_in_epoch = self.sampler._start
+        else:
+            self.sampler.set_start(start)
+            self.global_start, self.samples_in_epoch = 0, start
         # The workers' base seed comes from this generator: the same for an epoch however it began.
         self.generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
     def consumed(self, batch_size: int) -> None:
         # A short last batch (drop_last=False) must not push the position past the epoch's end.
-        self.samples_in_epoch = min(self.samples_in_epoch + batch_size, self.sampler.num_samples)
+        self.samples_in_epoch = min(self.samples_in_epoch + batch_size, self.sampler.pass_length())
+
+    @property
+    def global_samples(self) -> int:
+        """Samples of the current epoch's order that all ranks together have consumed."""
+        return self.global_start + self.samples_in_epoch * self.sampler.num_replicas
 
     def next_indices(self) -> list[int]:
-        order = self.sampler.epoch_order(self.epoch)
+        order = self.sampler.order_from(self.epoch, self.global_start)
         return order[self.samples_in_epoch: self.samples_in_epoch + self.batch_size].tolist()
 
+    def _global_fingerprint(self, start: int, count: int) -> str:
+        """Of the epoch's global order from ``start``: what the next ``count`` samples of all ranks are."""
+        one = ResumableSampler(self.sampler.dataset_len, shuffle=self.sampler.shuffle, seed=self.seed,
+                               drop_last=self.sampler.drop_last)
+        return fingerprint(one.order_from(self.epoch, start)[:count].tolist() if start else
+                           one.epoch_order(self.epoch)[:count].tolist())
+
     def state_dict(self) -> dict[str, Any]:
+        world = self.sampler.num_replicas
         return {
             "epoch": self.epoch,
-            "samples_in_epoch": self.samples_in_epoch,
+            # Per rank, for a resume on the same number of processes (-1 after a resize: use the global one).
+            "samples_in_epoch": self.samples_in_epoch if not self.global_start else -1,
+            # The global position: what a resume on any number of processes continues from.
+            "global_samples_in_epoch": self.global_samples,
             "batch_size": self.batch_size,
             "seed": self.seed,
-            "num_replicas": self.sampler.num_replicas,
+            "num_replicas": world,
             "dataset_len": self.sampler.dataset_len,
+            "shuffle": self.sampler.shuffle,
+            "drop_last": self.sampler.drop_last,
             "next_fingerprint": fingerprint(self.next_indices()),
+            "next_global_fingerprint": self._global_fingerprint(self.global_samples, self.batch_size * world),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        for key, mine in (("num_replicas", self.sampler.num_replicas), ("dataset_len", self.sampler.dataset_len)):
-            if state[key] != mine:
-                raise DataPositionError(
-                    f"checkpoint data position: {key} was {state[key]}, this run has {mine}; "
-                    "resume with the same data and number of processes"
-                )
+        world = self.sampler.num_replicas
+        if state["dataset_len"] != self.sampler.dataset_len:
+            raise DataPositionError(
+                f"checkpoint data position: dataset_len was {state['dataset_len']}, this run has "
+                f"{self.sampler.dataset_len}; resume with the same data")
+        resized = state["num_replicas"] != world or state.get("samples_in_epoch", 0) < 0
+        if resized and "global_samples_in_epoch" not in state:
+            raise DataPositionError(
+                f"checkpoint data position: num_replicas was {state['num_replicas']}, this run has {world}, "
+                "and the checkpoint predates global data positions; resume with the same number of processes")
         if state["batch_size"] != self.batch_size:
             logger.warning("batch size changed from %d to %d: resuming at sample %d of epoch %d",
-                           state["batch_size"], self.batch_size, state["samples_in_epoch"], state["epoch"])
+                           state["batch_size"], self.batch_size,
+                           state.get("global_samples_in_epoch", state["samples_in_epoch"]), state["epoch"])
         self.seed = int(state["seed"])
         self.sampler.seed = self.seed
+        if resized:
+            self.start_epoch(int(state["epoch"]), global_start=int(state["global_samples_in_epoch"]))
+            expected = state.get("next_global_fingerprint")
+            got = self._global_fingerprint(int(state["global_samples_in_epoch"]),
+                                           state["batch_size"] * state["num_replicas"])
+            self._self_check(got, expected, strict)
+            return
         self.start_epoch(int(state["epoch"]), int(state["samples_in_epoch"]))
         expected = state.get("next_fingerprint")
         # The saved next batch, in the saved batch size, must be what this run draws next.
         order = self.sampler.epoch_order(self.epoch)
         start = self.samples_in_epoch
         got = fingerprint(order[start: start + state["batch_size"]].tolist())
+        self._self_check(got, expected, strict)
+
+    def _self_check(self, got: str, expected: str | None, strict: bool) -> None:
         if expected is not None and got != expected:
             message = (f"resume self-check failed: the next batch's sample indices differ from the "
                        f"checkpoint's (fingerprint {got} != {expected}); the data or its order changed")
@@ -228,7 +271,8 @@ class DataStream:
         self.epoch = int(state["epoch"])
         if self.position is not None and "samples_in_epoch" in state:
             self.position.load_state_dict(state, strict=strict)
-            self.batches_in_epoch = state["samples_in_epoch"] // max(1, self.position.batch_size)
+            per_rank = self.position.global_samples // self.position.sampler.num_replicas
+            self.batches_in_epoch = per_rank // max(1, self.position.batch_size)
             return
         # Iterable data or a custom sampler: the consumed batches must be read again and dropped.
         self.batches_in_epoch = 0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 __all__ = [
-    "cache_root", "guard_output_dir", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
+    "cache_root", "guard_output_dir", "check_resume", "choose_precision", "adamw_with_decay_groups", "model_card", "split_indices",
     "TrackingFields", "TrainingConfig", "LoraFields", "configure_output", "check_eval_source", "warmup_cosine", "quiet_progress_bars", "write_run_config", "resolve_model", "apply_lora",
     "enable_gradient_checkpointing", "trainable_summary", "gather_eval_outputs", "load_checkpoint_weights",
     "generate_sample", "SampleHook", "RecipeTrainer",
@@ -46,13 +46,17 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(base) / "acceltrain"
 
 
-def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool) -> bool:
+def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool,
+                     verify: bool = True) -> bool:
     """Refuse to mix runs in one folder; returns whether there is a checkpoint to resume from.
 
     A folder holding checkpoints, logs or an export of an earlier run needs ``resume``
     (continue it; without a checkpoint it starts again, appending to its logs) or ``overwrite``
     (delete that run's checkpoints, logs and export first). Without either the run stops with a
     one-line error before anything is written.
+
+    With ``resume`` (and ``verify``), checkpoints of which none checks out are an error, not a
+    fresh start (:func:`check_resume`, which recipes call themselves with ``verify=False``).
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
@@ -61,6 +65,8 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     if not found and not outputs:
         return False
     if resume:
+        if found and verify:
+            check_resume(output_dir / "checkpoints", is_main=is_main)
         return bool(found)
     if not overwrite:
         what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
@@ -75,6 +81,52 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
             else:
                 path.unlink(missing_ok=True)
     return False
+
+
+def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> Any:
+    """Check before anything is written that ``--resume`` can be honoured; every rank must call it.
+
+    Checkpoints of which none checks out are an error on every rank (exit 2), never a silent
+    fresh start. With ``resize`` (``world``, ``micro_batch``, ``accumulation``,
+    ``allow_global_batch_change``), the newest checkpoint must also continue on this number of
+    processes (:func:`acceltrain.elastic.plan_resize`; DeepSpeed ones only on their own), so a
+    refusal leaves the run folder untouched.
+
+    Returns:
+        The :class:`~acceltrain.elastic.ResizePlan` (the same on every rank), or None for the same
+        world size or no checkpoint.
+    """
+    import json
+
+    from .checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint
+
+    problem = plan = None
+    if is_main:  # one rank reads the files; the others hear the verdict
+        try:
+            folder = find_latest_checkpoint(root, clean=False, required="--resume true")
+            if folder is not None and resize is not None:
+                from .elastic import plan_resize
+
+                manifest = json.loads((folder / MANIFEST).read_text())
+                if manifest.get("deepspeed") and manifest["world_size"] != resize["world"]:
+                    from .checkpoint_deepspeed import refuse_resize
+
+                    refuse_resize(folder, manifest, resize["world"])
+                plan = plan_resize(manifest, folder=folder, **resize)
+        except CheckpointError as e:
+            problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \
+                if "can be resumed from" in str(e) else str(e)
+        except UserError as e:
+            problem = str(e)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem, plan]
+        broadcast_object_list(box, from_process=0)
+        problem, plan = box
+    if problem is not None:
+        raise UserError(problem)
+    return plan
 
 
 # What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).
@@ -191,6 +243,9 @@ class TrainingConfig(TrackingFields):
     trust_remote_code: bool = field(default=False, metadata={"help": "Run Python code shipped with a Hub model"})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
+    allow_global_batch_change: bool = field(default=False, metadata={
+        "help": "Resuming on another number of processes: continue even when no accumulation keeps the "
+                "samples per step (default: refuse)"})
 
     def validate_training(self) -> None:
         """Raise ConfigError for a count below 1 or a learning rate out of range."""
@@ -208,7 +263,7 @@ class TrainingConfig(TrackingFields):
         return dict(max_steps=self.max_steps, grad_clip=self.grad_clip, max_non_finite_grad_retries=3,
                     mixed_precision=choose_precision(self.mixed_precision),
                     gradient_accumulation_steps=self.gradient_accumulation_steps, workspace=self.output_dir,
-                    data_seed=self.seed)
+                    data_seed=self.seed, allow_global_batch_change=self.allow_global_batch_change)
 
 
 @dataclass
@@ -488,8 +543,25 @@ class RecipeTrainer(BaseTrainer):
         if problem:
             raise UserError(f"--output_dir {cfg.output_dir}: {problem}")
         super().__init__(**trainer_kwargs)
+        # Recipes train tokenizers and pack data in their constructors: a signal there exits cleanly.
+        self._early_exit.install()
+        if "allow_global_batch_change" not in trainer_kwargs:
+            self.allow_global_batch_change = bool(getattr(cfg, "allow_global_batch_change", False))
+        is_main = self.accelerator.is_main_process
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
-                                       is_main=self.accelerator.is_main_process)
+                                       is_main=is_main, verify=False)
+        if self.resume:
+            plan = check_resume(self.workspace / "checkpoints", is_main=is_main, resize=dict(
+                world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
+                accumulation=cfg.gradient_accumulation_steps,
+                allow_global_batch_change=self.allow_global_batch_change))
+            if plan is not None:
+                # Set before anything is built, so what the recipe derives from the config (tokens
+                # per step, the model card) fits the resized run; load_checkpoint then agrees.
+                cfg.gradient_accumulation_steps = self.gradient_accumulation_steps = plan.accumulation
+                self._resize_announced = True
+                if is_main:
+                    self.logger.warning("%s", plan.message)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return adamw_with_decay_groups(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data_stream import EXHAUSTED, DataStream
 from .engine import PLAIN_GRADS, GradientOps
 from .hooks.base import EVENTS, BaseHook
+from .signals import EarlyExit
 from .utils import folder_problem, key_average
 from .watchdog import collective_timeout as _loop_timeout
 
@@ -96,6 +97,9 @@ class BaseTrainer(GradientOps):
             Setup (data preparation on one rank, checkpoint loading) keeps the longer one.
         defer_non_finite: Keep the finite flag on the device on quiet steps (see "Host syncs"
             above); ``False`` reads it on the host every step and always redoes a bad step in place.
+        allow_global_batch_change: On a resume with another number of processes whose samples
+            per step no accumulation can keep, continue with the new global batch (logged)
+            instead of refusing (see :mod:`acceltrain.elastic`).
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -130,6 +134,7 @@ class BaseTrainer(GradientOps):
         data_seed: int | None = None,
         collective_timeout: float | None = 60.0,
         defer_non_finite: bool = True,
+        allow_global_batch_change: bool = False,
     ) -> None:
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
             raise ValueError(f"max_steps must be an int >= 0, got {max_steps!r}")
@@ -186,12 +191,14 @@ class BaseTrainer(GradientOps):
         self._failed = False  # the last train() raised inside its step loop
         self._pending_state: dict[str, Any] | None = None
         self.data_seed = data_seed
+        self.allow_global_batch_change = allow_global_batch_change
         self._data: DataStream | None = None
         self.defer_non_finite = bool(defer_non_finite)
         # (step, batch positions, device flag) of quiet steps whose finiteness the host has not read.
         self._pending_flags: list[tuple[int, list[int], torch.Tensor]] = []
         self._deferred_run: list[tuple[int, list[int]]] = []  # consecutive device-side skips so far
         self._settled: tuple[list[int], list[int]] | None = None
+        self._early_exit = EarlyExit()  # signals before training starts: a clean exit (train())
 
     # ------------------------------------------------------------------ build contract
     def build_data_loader(self) -> Iterable:
@@ -259,11 +266,23 @@ class BaseTrainer(GradientOps):
 
     # ------------------------------------------------------------------ public API
     def train(self) -> None:
-        """Build, prepare, then run steps until ``max_steps`` or a stop request."""
-        self._build()
+        """Build, prepare, then run steps until ``max_steps`` or a stop request.
+
+        From the call until the hooks' ``on_before_train`` has run, SIGTERM, SIGINT and SIGUSR1
+        (where still at their defaults) exit cleanly with ``128+signum`` (see
+        :mod:`acceltrain.signals`); from then on ``CheckpointingHook`` owns them.
+        """
+        early = self._early_exit
+        early.install()
+        try:
+            self._build()
+        except BaseException:
+            early.release()
+            raise
         finished = in_loop = False
         try:
             self._call_hook("on_before_train")
+            early.release()  # training has begun: a CheckpointingHook has installed its own handlers
             with _loop_timeout(self.collective_timeout if self._sync_needed else None):
                 in_loop = True
                 while self.step < self.max_steps and not self.should_stop:
@@ -280,6 +299,7 @@ class BaseTrainer(GradientOps):
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self._call_hook("on_teardown")  # also after an exception: hooks release what they hold
+            early.release()
         if self.exit_code is not None:
             raise SystemExit(self.exit_code)
 
@@ -322,25 +342,31 @@ class BaseTrainer(GradientOps):
         self._call_hook("on_state_dict", state)
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True,
+                        full_state_dict: bool = False) -> None:
         """Restore ``state_dict()``'s output. Before ``train()`` it is kept and applied after building.
 
         The data position is restored too: the next batch is the one the saved run would have
         drawn (checked by a fingerprint of its sample indices; ``strict_data=False`` warns
-        instead of raising on a mismatch).
+        instead of raising on a mismatch). ``full_state_dict``: the model and optimizer state
+        hold full tensors, to be laid out on the live (FSDP2) mesh, e.g. a checkpoint of another
+        world size.
         """
         if not self._built:
             self._pending_state = state_dict
             return
         if state_dict.get("model") is not None:  # None: a DeepSpeed engine restored its own
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            options = self.state_dict_options
+            if full_state_dict:
+                options = StateDictOptions(full_state_dict=True, strict=getattr(options, "strict", True))
             set_state_dict(
                 self.model,
                 self._inner_optimizer,
                 model_state_dict=state_dict["model"],
                 optim_state_dict=state_dict["optimizer"],
-                options=self.state_dict_options,
+                options=options,
             )
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
@@ -350,6 +376,12 @@ class BaseTrainer(GradientOps):
         self._data.load_state_dict(state_dict.get("data"), strict=strict_data)
         self._load_hook_states(state_dict.get("hooks") or {})
         self._call_hook("on_load_state_dict", state_dict)
+
+    def _set_gradient_accumulation_steps(self, accumulation: int) -> None:
+        """Change the micro-batches per step after building (a resume on another world size)."""
+        self.gradient_accumulation_steps = accumulation
+        self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and accumulation > 1
+                             and not self._deepspeed)
 
     def log(self, records: dict[str, Any], dry_run: bool = False) -> None:
         """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this)."""

@@ -15,6 +15,11 @@ state), saved and loaded three ways on the same objects, interleaved over repeat
 Then the time to resume the data position at step 10 and at step 10,000 of a 1M-sample
 shuffled map-style dataset (batch 32), for acceltrain's resumable sampler and for
 Accelerate's ``skip_first_batches`` (which walks the skipped indices).
+
+With ``--resize`` (2 CPU ranks through torchrun, gloo), elastic resume: a checkpoint saved by
+2 ranks is loaded (``load_checkpoint``, verification included, the slowest rank timed) on 2
+ranks and on 1, under DDP (full tensors either way) and FSDP2 (2 -> 2 reads each rank's own
+shards; 2 -> 1 reads every shard and reassembles full tensors: the resharding read).
 """
 
 from __future__ import annotations
@@ -134,11 +139,91 @@ def bench_skip(n: int = 1_000_000, batch: int = 32) -> dict[str, dict[int, float
     return out
 
 
+class GPT2Mini(GPT2Small):
+    """GPT-2 with 4 layers and an untied head (~92M parameters: a bigger share of embeddings to reshard)."""
+
+    def build_model(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=4, tie_word_embeddings=False))
+
+
+def resize_worker(mode: str, folder: Path, out: Path) -> None:
+    """One rank of a torchrun job: ``save`` one step's checkpoint, or ``load`` it and time it."""
+    import os
+
+    if mode.startswith("fsdp"):
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.helpers import cpu_fsdp2_accelerator
+
+        placement = {"accelerator": cpu_fsdp2_accelerator()}
+    else:
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        placement = {"accelerator": Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])}
+    trainer = GPT2Mini(max_steps=1, **placement)
+    acc = trainer.accelerator
+    if mode.endswith("save"):
+        trainer.train()
+        save_checkpoint(trainer, folder, background=False)
+    else:
+        trainer._build()
+        acc.wait_for_everyone()
+        seconds = torch.tensor([timed(lambda: load_checkpoint(trainer, next(folder.glob("checkpoint_step_*"))))])
+        if acc.num_processes > 1:
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+        if acc.is_main_process:
+            out.write_text(json.dumps({"seconds": float(seconds), "world": acc.num_processes, "pid": os.getpid()}))
+    trainer.close()
+
+
+def bench_resize(root: Path) -> dict[str, float]:
+    import os
+    import subprocess
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def launch(nproc: int, mode: str, folder: Path, out: Path) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "--master_addr=127.0.0.1", __file__, "--worker", mode, str(folder),
+               str(out)]
+        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+
+    rows: dict[str, float] = {}
+    for kind in ("ddp", "fsdp2"):
+        folder = root / kind
+        launch(2, f"{kind}-save", folder, root / "unused.json")
+        for world in (2, 1):
+            out = root / f"{kind}-{world}.json"
+            launch(world, f"{kind}-load", folder, out)
+            rows[f"{kind} 2 -> {world}"] = json.loads(out.read_text())["seconds"]
+    return rows
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        resize_worker(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "checkpoint.json")
+    ap.add_argument("--resize", action="store_true", help="only the elastic-resume rows (2 -> 2 vs 2 -> 1 ranks)")
     args = ap.parse_args()
+    if args.resize:
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            rows = bench_resize(Path(tmp))
+        print(f"{'resume (GPT-2 4 layers untied, AdamW)':32} {'load s':>8} {'x same world':>13}")
+        for name, seconds in rows.items():
+            same = rows[name.rsplit(" ", 1)[0] + " 2"]
+            print(f"{name:32} {seconds:8.2f} {seconds / same:13.2f}")
+        previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        args.out.write_text(json.dumps({**previous, "resize_load_seconds": rows}, indent=1) + "\n")
+        print(f"\nwrote {args.out}")
+        return
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         state = bench_state(args.repeats, Path(tmp))

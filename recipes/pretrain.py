@@ -110,6 +110,9 @@ class PretrainConfig(TrackingFields):
     seed: int = field(default=0, metadata={"help": "Seed for weights, data order and dropout"})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
+    allow_global_batch_change: bool = field(default=False, metadata={
+        "help": "Resuming on another number of processes: continue even when no accumulation keeps the "
+                "samples per step (default: refuse)"})
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt for the sample printed at the end"})
     sample_tokens: int = field(default=64, metadata={"help": "Tokens to generate for the sample (0: none)"})
 

@@ -34,7 +34,13 @@ class ResumableSampler(Sampler[int]):
     computes the same permutation, so the shards are disjoint and cover the epoch.
 
     Resuming: ``set_start(k)`` (or ``load_state_dict``) makes the next pass yield this rank's
-    epoch order from position ``k`` on. The permutation is computed once and sliced, so resuming
+    epoch order from position ``k`` on. The position is also kept as a *global* one, samples of
+    the epoch's order consumed by all ranks together (``k * num_replicas``): ``set_global_start(g)``
+    continues the epoch's order from global sample ``g`` on any number of ranks, rank ``r`` taking
+    ``order[g + r :: num_replicas]``, so the union of what W' ranks draw next is what the W ranks
+    that saved the position would have drawn. The rest of that epoch is truncated (or padded) to
+    a multiple of the new ``num_replicas``; with the same ``num_replicas`` it is exactly the order
+    ``set_start`` gives. The permutation is computed once and sliced, so resuming
     at sample 10 or 10 million costs the same and touches none of the skipped samples.
 
     When a pass runs to the end, the sampler moves to the next epoch by itself (offset 0), so a
@@ -91,6 +97,7 @@ class ResumableSampler(Sampler[int]):
         self.total_size = self.num_samples * num_replicas
         self.epoch = 0
         self._start = 0  # where the next pass begins in this rank's epoch order
+        self._global_start = 0  # samples of the epoch consumed by all ranks before this pass's order
         self._position = 0  # indices handed out in this epoch so far (start included)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -110,9 +117,35 @@ class ResumableSampler(Sampler[int]):
             order = order[: self.total_size]
         return order[self.rank : self.total_size : self.num_replicas]
 
+    def order_from(self, epoch: int, global_start: int) -> torch.Tensor:
+        """This rank's order for the rest of ``epoch`` after its first ``global_start`` samples
+        (counted over all ranks): ``order[g + rank :: num_replicas]``, truncated (``drop_last``)
+        or padded by wrapping around to a multiple of ``num_replicas``. ``global_start=0`` gives
+        :meth:`epoch_order`."""
+        if global_start == 0:
+            return self.epoch_order(epoch)
+        n, w = self.dataset_len, self.num_replicas
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed + epoch)
+            base = torch.randperm(n, generator=gen)
+        else:
+            base = torch.arange(n)
+        left = n - global_start
+        length = max(0, (left // w if self.drop_last else -(-left // w)) * w)
+        return base[torch.arange(global_start, global_start + length) % n][self.rank :: w]
+
+    def pass_length(self) -> int:
+        """Samples of this rank in the current pass's epoch order (from its global start)."""
+        if self._global_start == 0:
+            return self.num_samples
+        left, w = self.dataset_len - self._global_start, self.num_replicas
+        return max(0, (left // w if self.drop_last else -(-left // w)))
+
     def __iter__(self) -> Iterator[int]:
         start = self._start
-        remaining = self.epoch_order(self.epoch)[start:].tolist()  # slice: skipped indices never read
+        # slice: skipped indices never read
+        remaining = self.order_from(self.epoch, self._global_start)[start:].tolist()
         it = iter(remaining)
         # The position is read off the list iterator when asked for (see _position): no Python
         # bookkeeping per index on the data path.
@@ -122,6 +155,7 @@ class ResumableSampler(Sampler[int]):
         self._pass = None
         self.epoch += 1
         self._start = 0
+        self._global_start = 0
         self._position = 0
 
     @property
@@ -139,7 +173,7 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """Samples the next pass yields: ``num_samples`` minus the start offset."""
-        return self.num_samples - self._start
+        return self.pass_length() - self._start
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s order; a different epoch than the current one starts at offset 0."""
@@ -148,6 +182,7 @@ class ResumableSampler(Sampler[int]):
         if epoch != self.epoch:
             self.epoch = epoch
             self._start = 0
+            self._global_start = 0
         self._position = self._start
 
     def set_start(self, start: int) -> None:
@@ -159,8 +194,31 @@ class ResumableSampler(Sampler[int]):
         """
         if not 0 <= start <= self.num_samples:
             raise ValueError(f"start must be in [0, {self.num_samples}], got {start}")
+        self._global_start = 0
         self._start = start
         self._position = start
+
+    def set_global_start(self, global_start: int) -> None:
+        """Begin the next pass after the first ``global_start`` samples of the epoch's order,
+        counted over all ranks (any ``num_replicas``: see the class docstring).
+
+        Args:
+            global_start: Samples all ranks together consumed in the current epoch, in
+                ``[0, dataset_len]`` (up to the padded length with ``drop_last=False``).
+        """
+        if global_start < 0:  # past the end (a padded tail) is an empty rest of the epoch
+            raise ValueError(f"global_start must be >= 0, got {global_start}")
+        if global_start % self.num_replicas == 0 and global_start // self.num_replicas <= self.num_samples:
+            self.set_start(global_start // self.num_replicas)  # the same order, through the plain path
+            return
+        self._global_start = global_start
+        self._start = 0
+        self._position = 0
+
+    @property
+    def global_position(self) -> int:
+        """Samples of the current epoch's order handed out by all ranks together."""
+        return self._global_start + self._position * self.num_replicas
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
         """The position to resume from.
@@ -176,11 +234,15 @@ class ResumableSampler(Sampler[int]):
             ``epoch``, ``offset`` and the settings that fix the order.
         """
         offset = self._position if consumed is None else consumed
-        if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"consumed must be in [0, {self.num_samples}], got {offset}")
+        if not 0 <= offset <= self.pass_length():
+            raise ValueError(f"consumed must be in [0, {self.pass_length()}], got {offset}")
+        global_offset = self._global_start + offset * self.num_replicas
+        if self._global_start:  # a resized pass: the per-rank offset has no same-size meaning
+            offset = -1
         return {
             "epoch": self.epoch,
             "offset": offset,
+            "global_offset": global_offset,
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "dataset_len": self.dataset_len,
@@ -191,11 +253,17 @@ class ResumableSampler(Sampler[int]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: same epoch order, next pass starts at ``offset``.
 
+        A state saved by another number of ranks continues the same global order from its
+        ``global_offset`` (see :meth:`set_global_start`).
+
         Raises:
-            ValueError: The saved run had a different ``num_replicas``, ``dataset_len``,
-                ``shuffle`` or ``drop_last``, so its order cannot be continued exactly.
+            ValueError: The saved run had a different ``dataset_len``, ``shuffle`` or
+                ``drop_last`` (or a different ``num_replicas`` and no global offset), so its
+                order cannot be continued exactly.
         """
-        for name in ("num_replicas", "dataset_len", "shuffle", "drop_last"):
+        resized = "global_offset" in state and state.get("num_replicas", self.num_replicas) != self.num_replicas
+        for name in ("dataset_len", "shuffle", "drop_last") if resized else (
+                "num_replicas", "dataset_len", "shuffle", "drop_last"):
             saved, current = state.get(name, getattr(self, name)), getattr(self, name)
             if saved != current:
                 raise ValueError(
@@ -208,4 +276,7 @@ class ResumableSampler(Sampler[int]):
             )
             self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self.set_start(int(state["offset"]))
+        if resized or state.get("offset", 0) < 0:
+            self.set_global_start(int(state["global_offset"]))
+        else:
+            self.set_start(int(state["offset"]))

@@ -122,6 +122,7 @@ class CheckpointingHook(BaseHook):
         self.loaded_from: Path | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._early_exit: Any = None
         self._last_saved = -1
 
     def root(self, trainer: BaseTrainer) -> Path:
@@ -142,7 +143,15 @@ class CheckpointingHook(BaseHook):
         # One rank checks sizes and CRC32s (reading every file once, not once per rank) and
         # picks; every rank then loads the same folder.
         if self.load == "latest":
-            chosen = find_latest_checkpoint(root) if acc.is_main_process else None
+            chosen, problem = None, None
+            if acc.is_main_process:
+                try:
+                    chosen = find_latest_checkpoint(root, required="load='latest'")
+                except CheckpointError as e:  # every rank must hear it, or the others wait forever
+                    problem = f"{e}; repair or remove them, or load=None to start fresh"
+            problem = _broadcast_text(trainer, problem)
+            if problem is not None:
+                raise CheckpointError(problem)
             chosen = _broadcast_path(trainer, chosen)
         else:
             chosen = Path(self.load)
@@ -240,9 +249,12 @@ class CheckpointingHook(BaseHook):
                 trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
 
             self._previous_handlers[signum] = signal.signal(signum, handler)
+        self._early_exit = getattr(trainer, "_early_exit", None)
 
     def _restore_signals(self) -> None:
         for signum, previous in self._previous_handlers.items():
+            # Not back to the trainer's before-training handler: training has begun.
+            previous = self._early_exit.original(signum, previous) if self._early_exit else previous
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous_handlers.clear()
 

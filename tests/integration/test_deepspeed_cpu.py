@@ -89,7 +89,7 @@ def zero(tmp_path_factory):
     """ZeRO-2 on one process and ZeRO-3 on two ranks: uninterrupted runs to N, runs killed after
     step 3 and resumed in a new process, and resumes of those checkpoints that must be refused."""
     root = tmp_path_factory.mktemp("zero")
-    ws = {name: root / name for name in ("z2_a", "z2_b", "z3_a", "z3_b", "z2_as_z3", "z3_on_1")}
+    ws = {name: root / name for name in ("z2_a", "z2_b", "z3_a", "z3_b", "z2_as_z3", "z3_on_1", "z2_on_2")}
     first = _finish(_start(ws["z2_a"], 1, "--deepspeed", "2"),
                     _start(ws["z2_b"], 1, "--deepspeed", "2", "--kill-at", "3"),
                     _start(ws["z3_a"], 2, "--deepspeed", "3"),
@@ -99,12 +99,14 @@ def zero(tmp_path_factory):
     latest = {k: (ws[k] / "checkpoints" / "checkpoint_latest").resolve().name for k in ("z2_b", "z3_b")}
     shutil.copytree(ws["z2_b"] / "checkpoints", ws["z2_as_z3"] / "checkpoints", symlinks=True)
     shutil.copytree(ws["z3_b"] / "checkpoints", ws["z3_on_1"] / "checkpoints", symlinks=True)
+    shutil.copytree(ws["z2_b"] / "checkpoints", ws["z2_on_2"] / "checkpoints", symlinks=True)
     second = _finish(_start(ws["z2_b"], 1, "--deepspeed", "2"),
                      _start(ws["z3_b"], 2, "--deepspeed", "3"),
                      _start(ws["z2_as_z3"], 1, "--deepspeed", "3"),
-                     _start(ws["z3_on_1"], 1, "--deepspeed", "3"))
+                     _start(ws["z3_on_1"], 1, "--deepspeed", "3"),
+                     _start(ws["z2_on_2"], 2, "--deepspeed", "2"))
     return {"ws": ws, "latest": latest, "resumed": {"z2_b": _ok(second[0]), "z3_b": _ok(second[1])},
-            "refused": {"z2_as_z3": second[2], "z3_on_1": second[3]}}
+            "refused": {"z2_as_z3": second[2], "z3_on_1": second[3], "z2_on_2": second[4]}}
 
 
 def _steps(workspace: Path, rank: int) -> dict[int, dict]:
@@ -183,12 +185,22 @@ def test_zero_checkpoint_has_a_valid_manifest_and_loads_without_unpickling(zero,
 
 @pytest.mark.parametrize("run, wanted", [
     ("z2_as_z3", "saved with DeepSpeed ZeRO-2 (mixed precision no), this run is with DeepSpeed ZeRO-3"),
-    ("z3_on_1", "saved by 2 processes, this run has 1; resume with the same number of processes"),
+    ("z3_on_1", "saved by 2 processes, this run has 1; resume with the same number of processes (2): DeepSpeed "
+                "ZeRO-3 partitions are laid out per data-parallel rank and acceltrain cannot re-partition them"),
+    ("z2_on_2", "saved by 1 process, this run has 2; resume with the same number of processes (1): DeepSpeed "
+                "ZeRO-2 partitions"),
 ])
 def test_a_different_zero_stage_or_world_size_is_refused_naming_it(zero, run, wanted):
     code, text = zero["refused"][run]
-    assert code == 2, text[-4000:]
     last = text.strip().splitlines()[-1]
+    if run == "z2_on_2":  # torchrun: the ranks' exit status 2 and their one error line each
+        assert code != 0 and "exitcode  : 2" in text, text[-4000:]
+        last = next(line for line in text.splitlines() if line.startswith("error: "))
+    else:
+        assert code == 2, text[-4000:]
+    # No rank printed a traceback (torchrun prints its own, for the failed ranks, and says so).
+    assert text.count("Traceback") == text.count("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"), \
+        text[-4000:]
     assert last.startswith("error: ") and wanted in last, last
     ws = zero["ws"][run]
     assert not (ws / "steps_rank0.jsonl").exists()  # refused before the first step

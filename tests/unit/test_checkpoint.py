@@ -126,15 +126,55 @@ def test_stale_temporary_folder_is_removed(tmp_path):
     assert not stale.exists()
 
 
-def test_world_size_change_is_refused(tmp_path):
+def _as_if_saved_by(folder: Path, world: int, batch: tuple[int, int] | None) -> None:
+    """Rewrite the manifest as if ``world`` processes saved it with (micro-batch, accumulation)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["world_size"] = world
+    if batch is None:
+        del manifest["batch"]  # a checkpoint from before elastic resume
+    else:
+        manifest["batch"] = {"micro_batch": batch[0], "accumulation": batch[1], "global_batch": batch[0] * batch[1] * world}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_world_size_change_keeps_the_global_batch_by_accumulation(tmp_path, caplog):
     _train(tmp_path, 1)
     folder = tmp_path / "checkpoints" / "checkpoint_step_1"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["world_size"] = 2
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert json.loads((folder / "manifest.json").read_text())["batch"] == {
+        "micro_batch": 8, "accumulation": 1, "global_batch": 8}
+    _as_if_saved_by(folder, 2, (8, 1))
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
     t._build()
-    with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1"):
+    with caplog.at_level("WARNING", logger="acceltrain"):
+        load_checkpoint(t, folder)
+    assert t.gradient_accumulation_steps == 2 and t.step == 1
+    assert ("resumed on 1 process from a 2-process checkpoint at step 1: accumulation 1 -> 2, same 16 samples "
+            "per step") in caplog.messages
+
+
+def test_world_size_change_that_cannot_keep_the_global_batch_is_refused(tmp_path):
+    _train(tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    _as_if_saved_by(folder, 2, (6, 3))  # 36 samples per step: no multiple of this run's 8 per micro-step
+    t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
+    t._build()
+    with pytest.raises(CheckpointError, match=r"saved with 36 samples per step \(6 per process x accumulation 3 x 2 "
+                                              r"processes\); on 1 process with micro-batch 8 .*this run would use 8"):
+        load_checkpoint(t, folder)
+    assert t.step == 0 and t.gradient_accumulation_steps == 1
+    t.allow_global_batch_change = True
+    load_checkpoint(t, folder)
+    assert t.step == 1 and t.gradient_accumulation_steps == 1
+
+
+def test_world_size_change_without_a_recorded_batch_is_refused(tmp_path):
+    _train(tmp_path, 1)
+    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    _as_if_saved_by(folder, 2, None)
+    t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
+    t._build()
+    with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1; the checkpoint does not record "
+                                              "its samples per step.*resume with 2 processes"):
         load_checkpoint(t, folder)
 
 

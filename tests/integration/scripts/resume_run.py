@@ -63,7 +63,7 @@ class ResumeTrainer(BaseTrainer):
 
     def build_model(self):
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(self.args.dropout), nn.Linear(32, 1))
 
     def build_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=3e-2, weight_decay=0.1)
@@ -78,8 +78,9 @@ class ResumeTrainer(BaseTrainer):
 
     def build_hooks(self):
         rank = self.accelerator.process_index
-        return [StepLog(self.workspace / f"steps_rank{rank}.jsonl"),
-                CheckpointingHook(interval=self.args.interval, keep_previous=None)]
+        hooks = [StepLog(self.workspace / f"steps_rank{rank}.jsonl"),
+                 CheckpointingHook(interval=self.args.interval, keep_previous=None)]
+        return [*hooks, DumpLoaded(self.args.dump_loaded)] if self.args.dump_loaded else hooks
 
     def forward(self, input):
         x, y, idx = input
@@ -93,6 +94,22 @@ class ResumeTrainer(BaseTrainer):
         self.hooks[0].indices.extend(idx.tolist())
         logits = self.model(x)
         return nn.functional.binary_cross_entropy_with_logits(logits, y), {}
+
+
+class DumpLoaded(BaseHook):
+    """After the resume (it runs after CheckpointingHook): the full weights and optimizer state as loaded."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_before_train(self, trainer):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(trainer.model, trainer._inner_optimizer,
+                                      options=StateDictOptions(full_state_dict=True))  # every rank: collective
+        if trainer.is_main_process:
+            torch.save({"model": model, "optimizer": optim, "step": trainer.step,
+                        "accumulation": trainer.gradient_accumulation_steps}, self.path)
 
 
 class KillAfterStep(BaseHook):
@@ -128,6 +145,9 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--slow-save-at", type=int)
     ap.add_argument("--no-shuffle", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--dump-loaded", type=Path, help="write the state as loaded by the resume here")
+    ap.add_argument("--allow-global-batch-change", action="store_true")
     ap.add_argument("--second-signal", action="store_true", help="SIGTERM again in the middle of the save")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the CPU ranks (tests.helpers shim)")
     ap.add_argument("--deepspeed", type=int, metavar="STAGE", help="DeepSpeed ZeRO-STAGE (gloo, CPU)")
@@ -174,7 +194,8 @@ def main() -> None:
         placement = {"accelerator": Accelerator(deepspeed_plugin=plugin, step_scheduler_with_optimizer=False,
                                                 kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])}
     trainer = ResumeTrainer(args, max_steps=args.max_steps, gradient_accumulation_steps=args.accum,
-                            grad_clip=1.0, workspace=args.workspace, **placement)
+                            grad_clip=1.0, workspace=args.workspace,
+                            allow_global_batch_change=args.allow_global_batch_change, **placement)
     if args.kill_at is not None and not args.mid_window:
         original_build = trainer.build_hooks
         trainer.build_hooks = lambda: [*original_build(), KillAfterStep(args.kill_at, args.kill_rank)]
@@ -209,6 +230,12 @@ def main() -> None:
                    args.workspace / f"final_rank{rank}.pt")
         trainer.close()
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full_model, full_optim = get_state_dict(trainer.model, trainer._inner_optimizer,
+                                            options=StateDictOptions(full_state_dict=True))  # collective
+    if trainer.is_main_process:  # world-size independent, for the elastic tests
+        torch.save({"model": full_model, "optimizer": full_optim, "step": trainer.step}, args.workspace / "final_full.pt")
     state = trainer.state_dict()
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (FSDP2 shards)
     from acceltrain.utils import map_nested_tensor
