@@ -121,18 +121,6 @@ def test_image_file_logger_writes_pngs(tmp_path):
     assert files == ["sample_0.png", "sample_1.png"]
 
 
-def test_wandb_hook_without_wandb_says_how_to_install():
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        from acceltrain import WandbHook
-
-        with pytest.raises(ImportError, match=r"pip install 'acceltrain\[wandb\]'"):
-            WandbHook(project="x")
-    else:
-        pytest.skip("wandb is installed")
-
-
 def test_checkpointing_hook_saves_at_interval_and_resumes(tmp_path):
     full = ToyTrainer(max_steps=6, optimizer="adamw", device="cpu")
     full.train()
