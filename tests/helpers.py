@@ -137,3 +137,29 @@ def cli_error(capsys: Any, *argv: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def require_slurm(nodes: tuple[str, ...] = ()) -> None:
+    """Skip unless a SLURM cluster answers (with ``nodes`` each up, if named); under ``CI=true``
+    fail instead: CI starts the cluster (.ci/slurm-up.sh), so a missing one is a defect there."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    problem = None
+    if shutil.which("sbatch") is None:
+        problem = "sbatch not found (apt-get install slurm-wlm munge, then run .ci/slurm-up.sh as root)"
+    else:
+        proc = subprocess.run(["sinfo", "--noheader", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
+        states = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+        up = [n for n, state in states.items() if re.fullmatch(r"idle|mix|alloc", state)]
+        if proc.returncode != 0 or not up or any(n not in up for n in nodes):
+            wanted = f"nodes {', '.join(nodes)} are not all up" if nodes else "no SLURM node answers"
+            problem = f"{wanted} (run .ci/slurm-up.sh as root): {proc.stderr.strip() or proc.stdout}"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {problem}")
+        pytest.skip(problem)

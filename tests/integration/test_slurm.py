@@ -25,6 +25,7 @@ import yaml
 
 from acceltrain.slurm import load_slurm_config, render_sbatch
 from tests.conftest import ROOT
+from tests.helpers import require_slurm
 from tests.integration.test_pretrain import make_corpus
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_4x8.sbatch"
@@ -66,17 +67,7 @@ script_args: [--config, recipes/configs/pretrain_124m.yaml, --output_dir, runs/1
 # ---------------------------------------------------------------- a real cluster
 @pytest.fixture(scope="module")
 def cluster() -> None:
-    problem = None
-    if shutil.which("sbatch") is None:
-        problem = "sbatch not found (apt-get install slurm-wlm munge, then run .ci/slurm-up.sh as root)"
-    else:
-        proc = subprocess.run(["sinfo", "--noheader", "-o", "%t"], capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0 or not re.search(r"idle|mix|alloc", proc.stdout):
-            problem = f"no SLURM node answers (run .ci/slurm-up.sh as root): {proc.stderr.strip() or proc.stdout}"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {problem}")
-        pytest.skip(problem)
+    require_slurm()
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

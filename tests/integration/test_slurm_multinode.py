@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
+from tests.helpers import require_slurm
 from tests.integration.test_pretrain import make_corpus
 from tests.integration.test_slurm import SMALL, cli, job_env, last_step, state, wait_for
 
@@ -41,18 +42,7 @@ FAILURE_BOUND_S = 120
 
 @pytest.fixture(scope="module")
 def two_nodes() -> None:
-    problem = None
-    if shutil.which("sbatch") is None:
-        problem = "sbatch not found (apt-get install slurm-wlm munge, then run .ci/slurm-up.sh as root)"
-    else:
-        proc = subprocess.run(["sinfo", "--noheader", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30)
-        nodes = dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
-        if proc.returncode != 0 or any(not re.fullmatch(r"idle|mix|alloc", nodes.get(n, "")) for n in ("n1", "n2")):
-            problem = f"nodes n1 and n2 are not both up (run .ci/slurm-up.sh as root): {proc.stdout or proc.stderr}"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {problem}")
-        pytest.skip(problem)
+    require_slurm(("n1", "n2"))
 
 
 @pytest.fixture(scope="module")

@@ -485,20 +485,6 @@ def test_metrics_functions(tokenizer: BPETokenizer, data: Path):
     assert {"distinct_1", "distinct_2", "repetition_rate", "bleu", "mean_words"} <= set(quality_metrics)
 
 
-@pytest.fixture
-def restore_logging():
-    """setup_logging reconfigures the root logger: put pytest's back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
-
-
 def test_optimizer_scheduler_and_training_utilities(tmp_path: Path, restore_logging):
     model = torch.nn.Linear(4, 2)
     optimizer = create_optimizer(

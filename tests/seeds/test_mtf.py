@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -59,6 +58,7 @@ from acceltrain.compat.mtf import (
     setup_logging,
     validate_project_structure,
 )
+from tests.helpers import require_slurm
 
 SEED = Path("/work/shared/seeds/001_5e7f6eb599918087.txt")
 
@@ -578,17 +578,7 @@ def test_job_status_aggregates_array_task_states():
 
 @pytest.fixture
 def cluster() -> None:
-    problem = None
-    if shutil.which("sbatch") is None:
-        problem = "sbatch not found (apt-get install slurm-wlm munge, then run .ci/slurm-up.sh as root)"
-    else:
-        proc = subprocess.run(["sinfo", "--noheader", "-o", "%t"], capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0 or not re.search(r"idle|mix|alloc", proc.stdout):
-            problem = f"no SLURM node answers (run .ci/slurm-up.sh as root): {proc.stderr.strip() or proc.stdout}"
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {problem}")
-        pytest.skip(problem)
+    require_slurm()
 
 
 @pytest.mark.slow
@@ -647,20 +637,6 @@ def test_run_grid_search_dry_run_lists_and_writes_nothing(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "train.py"]
     assert framework.get_config_manager().config_dir == tmp_path / "configs"
     assert framework.get_slurm_launcher().output_dir == tmp_path / "experiments"
-
-
-@pytest.fixture
-def restore_logging():
-    """setup_logging reconfigures the root logger: put pytest's back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:], root.level = handlers, level
 
 
 def test_utilities_as_documented(tmp_path: Path, monkeypatch, restore_logging):
