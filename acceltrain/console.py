@@ -43,12 +43,13 @@ def configure_output(log_level: str = "warning") -> None:
         deepspeed.removeFilter(old)
     if not debug:
         deepspeed.addFilter(_DeepSpeedDetectionFilter())
-    import datasets
     import huggingface_hub.utils
     from transformers.utils import logging as hf_logging
 
+    datasets = _datasets()
     if debug:
-        datasets.enable_progress_bars()
+        if datasets is not None:
+            datasets.enable_progress_bars()
         hf_logging.enable_progress_bar()
         huggingface_hub.utils.enable_progress_bars()
     else:
@@ -57,7 +58,18 @@ def configure_output(log_level: str = "warning") -> None:
     # Their info lines only with debug; above warning as quiet as ours.
     third_party = logging.INFO if debug else max(level, logging.WARNING)
     hf_logging.set_verbosity(third_party)
-    datasets.logging.set_verbosity(third_party)
+    if datasets is not None:
+        datasets.logging.set_verbosity(third_party)
+
+
+def _datasets() -> Any:
+    """``datasets``, or None where it is not installed (the GPU image of benchmarks/gpu_check.sh
+    has none, and a run reading no Hub data does not need it)."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
 
 
 class _DeepSpeedDetectionFilter:
@@ -71,8 +83,9 @@ class _DeepSpeedDetectionFilter:
 def quiet_progress_bars() -> None:
     """Turn off the per-file progress bars of ``datasets`` and ``transformers`` (reading a table,
     loading or writing weights): in logs they are noise between the recipe's own lines."""
-    import datasets
     from transformers.utils import logging as hf_logging
 
-    datasets.disable_progress_bars()
+    datasets = _datasets()
+    if datasets is not None:
+        datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()

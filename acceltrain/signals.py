@@ -15,6 +15,7 @@ signals), and :meth:`EarlyExit.release` puts the originals back.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -34,7 +35,17 @@ class InterruptedBeforeTraining(SystemExit):
         self.signum = signum
 
 
+# The process that installed the handler. Forked children (tokenization workers, DataLoader
+# workers) inherit it; when their parent ends them with SIGTERM they must die as by default,
+# silently, not announce an early exit of the run.
+_owner_pid: int | None = None
+
+
 def _raise(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _owner_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     name = signal.Signals(signum).name
     # One line, then the exception unwinds the build (finally blocks run) to a plain exit.
     sys.stderr.write(f"{name} before training started: exiting with {128 + signum}; nothing was trained or saved\n")
@@ -57,8 +68,10 @@ class EarlyExit:
 
     def install(self) -> None:
         """Take every signal of ``signals`` that is still at its default (idempotent)."""
+        global _owner_pid
         if threading.current_thread() is not threading.main_thread():
             return
+        _owner_pid = os.getpid()
         for signum in self.signals:
             if signum in self._originals:
                 continue
