@@ -197,6 +197,18 @@ def node_task(job: str, node_id: str) -> psutil.Process:
     raise AssertionError(f"no `accelerate launch` task of job {job} on node {node_id}")
 
 
+def job_processes(job: str) -> list[psutil.Process]:
+    """The live (not zombie) processes started for ``job`` on this machine."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
 @pytest.mark.parametrize("what", ["task", "node"])
 def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes(uninterrupted, data, what):
     """``task``: SIGKILL of node 1's `accelerate launch` (its launcher dies; the watchdog stops
@@ -214,6 +226,11 @@ def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes
             proc.send_signal(signal.SIGKILL)
         killed_at, killed = last_step(log), time.monotonic()
         wait_for("the job to end", lambda: state(job) == "", FAILURE_BOUND_S, log)
+        # SLURM can drop the job from the queue while a rank that escaped its process tracking
+        # (torchrun's workers run in sessions of their own) still saves: the bound is on every
+        # process of the job, and a resubmission must not start beside one.
+        wait_for("every process of the job to exit", lambda: not job_processes(job),
+                 max(1.0, FAILURE_BOUND_S - (time.monotonic() - killed)), log)
         took = time.monotonic() - killed
         for w in workers:  # the killed launcher's own worker too (what == "task": the watchdog ended it)
             assert not psutil.pid_exists(w.pid) or w.status() == psutil.STATUS_ZOMBIE, w
