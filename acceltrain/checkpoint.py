@@ -82,7 +82,8 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in ``path`` durable (fsync the directory itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -284,7 +285,7 @@ def _finish(handle: SaveHandle, tmp: Path, final: Path, rank: int, world: int, s
         if final.exists():  # a save of the same step after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         point_link(final.parent, LATEST, final)
         if on_complete is not None:
             on_complete(final)

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoint import fsync_dir
 from .packing import tokenizer_fingerprint
 from .text import DataError
 
@@ -382,7 +383,7 @@ def ingest(
         if not metas:
             raise DataError("no documents to tokenize")
         _write_json_atomic(build / MANIFEST, {**settings, "key": full_key, "shards": metas, "vocab_size": vocab})
-        _fsync_dir(build)
+        fsync_dir(build)
         if final.exists():  # a broken folder (checked above) or one another process just finished
             if (final / MANIFEST).is_file():
                 try:
@@ -392,7 +393,7 @@ def ingest(
                     pass
             shutil.rmtree(final)
         os.replace(build, final)
-        _fsync_dir(cache_dir)
+        fsync_dir(cache_dir)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     corpus = ShardedCorpus.open(final)
@@ -401,13 +402,6 @@ def ingest(
     return ShardedCorpus(corpus.root, corpus.shards, corpus.dtype, corpus.eos_token_id, corpus.key, from_cache=False,
                          reused_shards=len(kept))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tokenize_all(documents: Iterable[str], tokenizer: Any, build: Path, *, eos: int, dtype: str, vocab: int,
