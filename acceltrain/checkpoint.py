@@ -1,6 +1,7 @@
 """Checkpoint folders: atomic writes, a manifest written last, latest-valid discovery, safe loading.
 
-A checkpoint is a folder ``checkpoint_step_{N}``::
+A checkpoint is a folder ``checkpoint_step_{N}`` (every name is spelled in
+:mod:`acceltrain.checkpoint_names`)::
 
     model.safetensors       weights (safetensors: no code runs on load)
     optimizer.pt            optimizer state keyed by parameter name (loaded with weights_only=True)
@@ -27,14 +28,10 @@ folder without a valid manifest is torn and never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
-import re
 import shutil
-import sys
 import threading
 import time
 import zlib
@@ -42,11 +39,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from .checkpoint_deepspeed import load_deepspeed, refuse_resize, save_deepspeed
+from .checkpoint_io import (
+    CheckpointError,
+    add_frozen_weights,
+    frozen_digest,
+    frozen_names,
+    fsync_dir,
+    is_dtensor,
+    load_safetensors,
+    local_tensor,
+    restore_tied,
+    safe_load,
+    write_weights,
+)
+from .checkpoint_names import LATEST, TMP_GLOB, checkpoint_step, step_folder_name, tmp_folder_name
 from .config import UserError
-from .elastic import dtensor_shapes, manifest_layout
+from .elastic import dtensor_shapes, full_from_shards, manifest_layout, plan_resize, seed_new_rank
+from .rng import rng_state, set_rng_state
 from .utils import dedupe_tensors, map_nested_tensor
 
 if TYPE_CHECKING:
@@ -60,18 +72,22 @@ __all__ = [
     "find_latest_checkpoint",
     "verify_checkpoint",
     "list_checkpoints",
+    "checkpoint_step",
+    "point_link",
+    # Re-exported: the file-format helpers (checkpoint_io), RNG capture (rng), naming (checkpoint_names).
+    "add_frozen_weights",
+    "restore_tied",
+    "write_weights",
+    "fsync_dir",
+    "rng_state",
+    "set_rng_state",
+    "LATEST",
 ]
 
 logger = logging.getLogger("acceltrain")
 MANIFEST = "manifest.json"
 _PER_RANK = ("hooks", "data")
-LATEST = "checkpoint_latest"
-_STEP_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 _CRC_CHUNK = 1 << 24
-
-
-class CheckpointError(UserError):
-    """A checkpoint is missing, torn, altered or does not fit this run."""
 
 
 def _crc32(path: Path) -> int:
@@ -80,52 +96,6 @@ def _crc32(path: Path) -> int:
         while chunk := f.read(_CRC_CHUNK):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable (fsync the directory itself)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's generator states, as tensors and plain values (no pickle needed)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """N for a folder named ``checkpoint_step_N``, else None."""
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -179,7 +149,7 @@ def find_latest_checkpoint(root: Path, *, clean: bool = True, required: str | No
     """
     root = Path(root)
     if clean and root.is_dir():
-        for stale in root.glob(".tmp_checkpoint_step_*"):
+        for stale in root.glob(TMP_GLOB):
             logger.warning("removing %s: an interrupted checkpoint save", stale)
             shutil.rmtree(stale, ignore_errors=True)
     problems = []
@@ -319,8 +289,8 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
 
     acc = trainer.accelerator
     root = Path(root)
-    final = root / f"checkpoint_step_{trainer.step}"
-    tmp = root / f".tmp_checkpoint_step_{trainer.step}"
+    final = root / step_folder_name(trainer.step)
+    tmp = root / tmp_folder_name(trainer.step)
     if acc.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -331,32 +301,30 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     names = [f"rank_state_{rank}.pt"]
     if getattr(trainer, "_deepspeed", False):
         # ZeRO partitions: every rank writes its own (see acceltrain.checkpoint_deepspeed).
-        from .checkpoint_deepspeed import save_deepspeed
-
         state, own_names, own_extra = save_deepspeed(trainer, tmp)
         names += own_names
     else:
         state = trainer.state_dict()
-        sharded = any(_is_dtensor(v) for v in state["model"].values())
-        frozen = _frozen(trainer.unwrapped_model)
+        sharded = any(is_dtensor(v) for v in state["model"].values())
+        frozen = frozen_names(trainer.unwrapped_model)
         if sharded:
             # FSDP2: every rank writes its own shards, as plain tensors (safetensors and a
             # weights_only pickle); loading rebuilds the DTensors on the same mesh.
             names += [f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.pt"]
             # Tied weights (an LM head sharing the embedding) share storage, which safetensors
             # refuses: store each storage once and name the aliases in the manifest.
-            local = {k: _local(v) for k, v in state["model"].items()}
+            local = {k: local_tensor(v) for k, v in state["model"].items()}
             unique = dedupe_tensors(local)
             first = {(t.untyped_storage().data_ptr(), t.storage_offset()): k for k, t in reversed(local.items())}
             tied = {k: first[(t.untyped_storage().data_ptr(), t.storage_offset())]
                     for k, t in local.items() if k not in unique}
             save_file(unique, str(tmp / names[1]))
-            torch.save(map_nested_tensor(_local, state["optimizer"]), tmp / names[2])
+            torch.save(map_nested_tensor(local_tensor, state["optimizer"]), tmp / names[2])
         elif acc.is_main_process:
             names += ["model.safetensors", "optimizer.pt"]
             write_weights(trainer.unwrapped_model, tmp / "model.safetensors", frozen)
             torch.save(state["optimizer"], tmp / "optimizer.pt")
-        own_extra = {"sharded": sharded, "frozen": _frozen_digest(trainer.unwrapped_model, frozen)
+        own_extra = {"sharded": sharded, "frozen": frozen_digest(trainer.unwrapped_model, frozen)
                      if frozen and not sharded else None}
         if sharded:  # what full_from_shards needs to reassemble the shards on another world size
 
@@ -383,75 +351,6 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
     handle.wait()
     acc.wait_for_everyone()  # every rank returns after the folder is complete
     return handle
-
-
-def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling refusal or corruption names the file
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
-
-
-def _frozen(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-
-
-def _frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str:
-    """Names, shapes and dtypes of the frozen parameters (not their values: hashing a 7B base
-    at every save would cost more than the save). ZeRO-3 keeps the full shape in ``ds_shape``."""
-    shapes = {n: [list(getattr(p, "ds_shape", p.shape)), str(p.dtype)]
-              for n, p in model.named_parameters(remove_duplicate=False) if n in frozen}
-    return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_weights(model: torch.nn.Module, path: Path, frozen: set[str], *, flat: bool = False) -> None:
-    """The model's weights as safetensors; without the frozen ones (see ``add_frozen_weights``).
-
-    ``flat``: the parameters are views into one flat buffer (DeepSpeed ZeRO 1-2), which
-    safetensors refuses as shared storage: each is copied to the CPU first.
-    """
-    from safetensors.torch import save_file, save_model
-
-    if frozen or flat:
-        # Frozen weights (a LoRA base) come back from build_model on resume: store only
-        # what trains, so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
-        weights = dedupe_tensors({k: v for k, v in model.state_dict().items() if k not in frozen})
-        if flat:
-            weights = {k: v.to("cpu", copy=True) for k, v in weights.items()}
-        save_file(weights, str(path), metadata={"format": "pt"})
-    else:
-        save_model(model, str(path))
-
-
-def add_frozen_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], digest: str, folder: Path) -> None:
-    """Complete a checkpoint saved without frozen parameters from the live (same) base model."""
-    frozen = _frozen(model)
-    if _frozen_digest(model, frozen) != digest:
-        raise CheckpointError(f"{folder}: saved without its frozen (base) parameters, and this run's frozen "
-                              "parameters differ from that run's; build the same base model to resume")
-    live = model.state_dict()
-    for name in frozen:
-        weights.setdefault(name, live[name])
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # a torn or foreign file names itself
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-def _is_dtensor(t: Any) -> bool:
-    # No DTensor exists before torch.distributed.tensor is imported (it pulls in sympy, ~50 MiB,
-    # which `import acceltrain` does not pay for).
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local().contiguous() if _is_dtensor(t) else t
 
 
 def _reshard(trainer: BaseTrainer, model_local: dict[str, torch.Tensor],
@@ -490,33 +389,29 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     rank, saved_world = acc.process_index, int(manifest["world_size"])
     deepspeed = manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False)
     if saved_world != acc.num_processes and deepspeed:
-        from .checkpoint_deepspeed import refuse_resize
-
         refuse_resize(folder, manifest, acc.num_processes)
     plan = resize_plan(trainer, folder, manifest)
-    state = _load(folder / "trainer_state.pt")
+    state = safe_load(folder / "trainer_state.pt")
     # A rank the saved run did not have takes rank 0's hook states (hooks that decide together,
     # like early stopping, must agree) and data position (global, the same on every rank).
     own = rank < saved_world
-    rank_state = _load(folder / f"rank_state_{rank if own else 0}.pt")
+    rank_state = safe_load(folder / f"rank_state_{rank if own else 0}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
     if deepspeed:
-        from .checkpoint_deepspeed import load_deepspeed
-
         load_deepspeed(trainer, folder, manifest, state, strict=strict)  # refuses a different setup
         set_rng_state(rank_state["rng"])
         return manifest
-    live_sharded = any(_is_dtensor(p) for p in trainer.model.parameters())
+    live_sharded = any(is_dtensor(p) for p in trainer.model.parameters())
     full = True
     if manifest.get("sharded") and plan is None and live_sharded:
         full = False  # the same mesh: each rank reads only its own shards
         state["model"], state["optimizer"] = _reshard(
-            trainer, _model_shard(folder, manifest, rank), _load(folder / f"optimizer_shard_{rank}.pt"))
+            trainer, _model_shard(folder, manifest, rank), safe_load(folder / f"optimizer_shard_{rank}.pt"))
     elif manifest.get("sharded"):
         state["model"], state["optimizer"] = _full_from_shards(folder, manifest)
     else:
-        state["model"] = _load_safetensors(folder / "model.safetensors")
-        state["optimizer"] = _load(folder / "optimizer.pt")
+        state["model"] = load_safetensors(folder / "model.safetensors")
+        state["optimizer"] = safe_load(folder / "optimizer.pt")
         if manifest.get("frozen"):
             add_frozen_weights(trainer.unwrapped_model, state["model"], manifest["frozen"], folder)
         restore_tied(trainer.unwrapped_model, state["model"])
@@ -527,8 +422,6 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     if own:
         set_rng_state(rank_state["rng"])
     else:
-        from .elastic import seed_new_rank
-
         position = trainer._data.position
         seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
     if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
@@ -539,8 +432,6 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
 def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> Any:
     """The :class:`~acceltrain.elastic.ResizePlan` for resuming ``manifest`` in this trainer (None:
     the same world size); raises CheckpointError when the global batch cannot be kept."""
-    from .elastic import plan_resize
-
     position = trainer._data.position if trainer._data is not None else None
     try:
         return plan_resize(manifest, folder=folder, world=trainer.accelerator.num_processes,
@@ -553,7 +444,7 @@ def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) ->
 
 def _model_shard(folder: Path, manifest: dict[str, Any], rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s saved FSDP2 weight shards, tied names (stored once) given back their tensor."""
-    weights = _load_safetensors(folder / f"model_shard_{rank}.safetensors")
+    weights = load_safetensors(folder / f"model_shard_{rank}.safetensors")
     for alias, source in (manifest.get("tied") or {}).items():
         weights[alias] = weights[source]
     return weights
@@ -561,31 +452,12 @@ def _model_shard(folder: Path, manifest: dict[str, Any], rank: int) -> dict[str,
 
 def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Full model and optimizer state from every saved rank's FSDP2 shards (world-size independent)."""
-    from .elastic import full_from_shards
-
     shapes = manifest.get("dtensor_shapes")
     if shapes is None:
         raise CheckpointError(f"{folder}: sharded by {manifest['world_size']} processes before shard shapes were "
                               f"recorded; resume with {manifest['world_size']} processes")
     world = int(manifest["world_size"])
     model = full_from_shards([_model_shard(folder, manifest, r) for r in range(world)], shapes["model"])
-    optim = full_from_shards([_load(folder / f"optimizer_shard_{r}.pt") for r in range(world)], shapes["optimizer"],
+    optim = full_from_shards([safe_load(folder / f"optimizer_shard_{r}.pt") for r in range(world)], shapes["optimizer"],
                              prefix="")
     return model, optim
-
-
-def restore_tied(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """safetensors stores tied tensors once; give the other names the same tensor back."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    if not missing:
-        return
-    by_ptr: dict[int, str] = {}
-    for name, tensor in expected.items():
-        if name in weights:
-            by_ptr.setdefault(tensor.data_ptr(), name)
-    for name in missing:
-        source = by_ptr.get(expected[name].data_ptr())
-        if source is None:
-            raise CheckpointError(f"model.safetensors has no tensor for {name!r}")
-        weights[name] = weights[source]

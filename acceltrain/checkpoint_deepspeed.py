@@ -37,16 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import (
+from .checkpoint_io import (
     CheckpointError,
-    _frozen,
-    _frozen_digest,
-    _load,
-    _load_safetensors,
     add_frozen_weights,
     restore_tied,
     write_weights,
 )
+from .checkpoint_io import frozen_digest as _frozen_digest
+from .checkpoint_io import frozen_names as _frozen
+from .checkpoint_io import load_safetensors as _load_safetensors
+from .checkpoint_io import safe_load as _load
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer

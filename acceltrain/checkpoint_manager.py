@@ -27,12 +27,12 @@ import torch
 from .checkpoint import (
     MANIFEST,
     CheckpointError,
-    checkpoint_step,
     find_latest_checkpoint,
     list_checkpoints,
     restore_tied,
     verify_checkpoint,
 )
+from .checkpoint_names import BEST, CHECKPOINTS_SUBDIR, checkpoint_step
 from .hooks import CheckpointingHook
 from .hooks.base import BaseHook
 
@@ -56,7 +56,7 @@ class CheckpointManager:
         drive_backup_path: Where (on Colab, under ``/content/drive``).
     """
 
-    def __init__(self, checkpoint_dir: str | Path = "./checkpoints", save_top_k: int = 3, monitor: str = "val_loss",
+    def __init__(self, checkpoint_dir: str | Path = f"./{CHECKPOINTS_SUBDIR}", save_top_k: int = 3, monitor: str = "val_loss",
                  mode: str = "min", drive_backup: bool = False, drive_backup_path: str | Path | None = None) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -185,7 +185,7 @@ class CheckpointManager:
                 shutil.rmtree(folder)
                 removed.append(str(folder))
         best = self._ranked()
-        link = self.checkpoint_dir / "checkpoint_best"
+        link = self.checkpoint_dir / BEST
         if link.is_symlink() and not link.exists():  # it pointed at a removed folder
             link.unlink()
             if best:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint_io import is_dtensor
 from .config import UserError
 
 __all__ = ["ResizePlan", "plan_resize", "batch_layout", "manifest_layout", "seed_new_rank", "full_from_shards",
@@ -128,14 +129,12 @@ def full_from_shards(shards: list[Any], shapes: dict[str, list[int]], *, prefix:
 
 def dtensor_shapes(obj: Any, *, prefix: str = "") -> dict[str, list[int]]:
     """The dotted path and full shape of every DTensor in a nested state dict (for the manifest)."""
-    from .checkpoint import _is_dtensor
-
     if isinstance(obj, dict):
         out: dict[str, list[int]] = {}
         for k, v in obj.items():
             out.update(dtensor_shapes(v, prefix=f"{prefix}{k}."))
         return out
-    if _is_dtensor(obj) and obj.dim() > 0:
+    if is_dtensor(obj) and obj.dim() > 0:
         from torch.distributed.tensor import Shard
 
         if tuple(obj.placements) != (Shard(0),):  # only what FSDP2's fully_shard makes

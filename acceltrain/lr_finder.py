@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType, send_to_device
 
-from .checkpoint import rng_state, set_rng_state
+from .rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_names import BEST, CHECKPOINTS_SUBDIR, LATEST
 from .data.text import DataError
 
 __all__ = ["train_on_text", "load_dataset_texts"]
@@ -139,9 +140,9 @@ def train_on_text(model: torch.nn.Module, *, dataset: Any = None, dataset_path: 
     trainer.train()
     tok.save_pretrained(out / "tokenizer")
     trainer.save_pretrained(out / "final")  # a Hugging Face folder: weights (best, with early stopping), config, tokenizer
-    root = out / "checkpoints"
-    best = root / "checkpoint_best"
-    latest = root / "checkpoint_latest"
+    root = out / CHECKPOINTS_SUBDIR
+    best = root / BEST
+    latest = root / LATEST
     best_path = best.resolve() if best.exists() else latest.resolve() if latest.exists() else None
     final = next((dict(h.last) for h in trainer.hooks if type(h).__name__ == "EvaluationHook" and h.last), {})
     return {"best_model_path": str(best_path) if best_path is not None else None, "final_metrics": final,

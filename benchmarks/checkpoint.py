@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from acceltrain import BaseTrainer  # noqa: E402
 from acceltrain.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from acceltrain.checkpoint_names import STEP_GLOB  # noqa: E402
 
 
 class GPT2Small(BaseTrainer):
@@ -171,7 +172,7 @@ def resize_worker(mode: str, folder: Path, out: Path) -> None:
     else:
         trainer._build()
         acc.wait_for_everyone()
-        seconds = torch.tensor([timed(lambda: load_checkpoint(trainer, next(folder.glob("checkpoint_step_*"))))])
+        seconds = torch.tensor([timed(lambda: load_checkpoint(trainer, next(folder.glob(STEP_GLOB))))])
         if acc.num_processes > 1:
             torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
         if acc.is_main_process:

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import fsync_dir
+from ..checkpoint_io import fsync_dir
 from .packing import tokenizer_fingerprint
 from .text import DataError
 

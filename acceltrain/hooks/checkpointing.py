@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import (
     MANIFEST,
     CheckpointError,
-    checkpoint_step,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -23,6 +22,7 @@ from ..checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from ..checkpoint_names import BEST, CHECKPOINTS_SUBDIR, checkpoint_step
 from ..utils import flatten_dict, in_workspace, to_float
 from .base import BaseHook
 
@@ -74,7 +74,7 @@ class CheckpointingHook(BaseHook):
         interval: int = 1000,
         keep_previous: int | None = 2,
         keep_interval: int | None = None,
-        path: str | Path = "checkpoints",
+        path: str | Path = CHECKPOINTS_SUBDIR,
         load: str | Path | None = "latest",
         exit_signals: list[int] | tuple[int, ...] | None = _DEFAULT_SIGNALS,
         exit_code: str | int = "128+signal",
@@ -223,7 +223,7 @@ class CheckpointingHook(BaseHook):
             best = self._ranked(folders)
             keep |= set(best[: self.keep_best])
             if best:
-                point_link(root, "checkpoint_best", best[0])
+                point_link(root, BEST, best[0])
         for folder in folders:
             if folder not in keep:
                 shutil.rmtree(folder)
