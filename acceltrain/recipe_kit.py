@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .checkpoint import list_checkpoints
+from .checkpoint_names import CHECKPOINTS_SUBDIR
 from .config import ConfigError, UserError
 from .console import configure_output, quiet_progress_bars
 from .evaluation import EvaluationHook
@@ -60,13 +61,13 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
-    found = list_checkpoints(output_dir / "checkpoints")
+    found = list_checkpoints(output_dir / CHECKPOINTS_SUBDIR)
     outputs = [name for name in _RUN_OUTPUTS if (output_dir / name).exists()]
     if not found and not outputs:
         return False
     if resume:
         if found and verify:
-            check_resume(output_dir / "checkpoints", is_main=is_main)
+            check_resume(output_dir / CHECKPOINTS_SUBDIR, is_main=is_main)
         return bool(found)
     if not overwrite:
         what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
@@ -74,7 +75,7 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
         raise UserError(f"{output_dir}: holds {what}; pass --resume true to continue it or --overwrite true "
                         "to start over")
     if is_main:
-        for name in ("checkpoints", *_RUN_OUTPUTS):
+        for name in (CHECKPOINTS_SUBDIR, *_RUN_OUTPUTS):
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -551,7 +552,7 @@ class RecipeTrainer(BaseTrainer):
         self.resume = guard_output_dir(self.workspace, resume=cfg.resume, overwrite=cfg.overwrite,
                                        is_main=is_main, verify=False)
         if self.resume:
-            plan = check_resume(self.workspace / "checkpoints", is_main=is_main, resize=dict(
+            plan = check_resume(self.workspace / CHECKPOINTS_SUBDIR, is_main=is_main, resize=dict(
                 world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
                 accumulation=cfg.gradient_accumulation_steps,
                 allow_global_batch_change=self.allow_global_batch_change))

@@ -26,7 +26,7 @@ import torch
 from acceltrain import (
     format_params,
 )
-from acceltrain.checkpoint import checkpoint_step
+from acceltrain.checkpoint_names import BEST, CHECKPOINTS_SUBDIR, checkpoint_step
 from acceltrain.config import ConfigError, UserError, exit_on_user_error, parse_config
 from acceltrain.data import load_tokenizer, texts_fingerprint, train_bpe_tokenizer
 from acceltrain.data.labels import LabelSpace, classification_metrics, load_labelled, stdlib_family_task
@@ -237,7 +237,7 @@ class ClassifyTrainer(RecipeTrainer):
         """Export ``output_dir/final`` from the best checkpoint (or the last step), with a model card."""
         cfg, final = self.cfg, self.workspace / "final"
         metrics, step = self.eval_hook.last or self.evaluate(), self.step
-        best = self.workspace / "checkpoints" / "checkpoint_best"
+        best = self.workspace / CHECKPOINTS_SUBDIR / BEST
         if cfg.export_best and best.exists() and checkpoint_step(best.resolve()) != self.step:
             step = checkpoint_step(best.resolve())
             load_checkpoint_weights(self, best.resolve())

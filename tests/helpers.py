@@ -1,13 +1,54 @@
-"""Tiny trainers used by several tests."""
+"""Tiny trainers used by several tests, and the checkpoint names tests look for."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from acceltrain import BaseHook, BaseTrainer
+from acceltrain.checkpoint_names import (  # noqa: F401  (re-exported for the tests)
+    BEST,
+    CHECKPOINTS_SUBDIR,
+    LATEST,
+    STEP_GLOB,
+    STEP_PREFIX,
+    TMP_GLOB,
+    parse_step,
+    step_folder_name,
+    tmp_folder_name,
+)
+
+
+# ---------------------------------------------------------------------------- checkpoint names
+# Tests spell checkpoint folders through these (acceltrain.checkpoint_names), never as literals,
+# so renaming the layout is a change in one module.
+def ckpt_root(workspace: str | Path) -> Path:
+    """A run's checkpoint folder: ``workspace/checkpoints``."""
+    return Path(workspace) / CHECKPOINTS_SUBDIR
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    """The folder of ``step``'s checkpoint under the checkpoint folder ``root``."""
+    return Path(root) / step_folder_name(step)
+
+
+def run_step_dir(workspace: str | Path, step: int) -> Path:
+    """``step``'s checkpoint folder in a run's workspace (``workspace/checkpoints/checkpoint_step_N``)."""
+    return step_dir(ckpt_root(workspace), step)
+
+
+def saved_steps(root: str | Path) -> list[int]:
+    """The steps of the step folders under ``root``, ascending (temporary folders and links excluded)."""
+    return sorted(s for p in Path(root).glob(STEP_GLOB) if p.is_dir() and not p.is_symlink()
+                  and (s := parse_step(p.name)) is not None)
+
+
+def link_step(root: str | Path, link: str = LATEST) -> int | None:
+    """The step the ``checkpoint_latest`` (or ``BEST``) link under ``root`` points at."""
+    return parse_step((Path(root) / link).resolve().name)
 
 
 def regression_data(n: int = 64, d: int = 8, seed: int = 0) -> torch.utils.data.TensorDataset:

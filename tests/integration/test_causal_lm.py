@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, torchrun
+from tests.helpers import LATEST, ckpt_root, run_step_dir
 
 RECIPE = ROOT / "recipes" / "causal_lm.py"
 TINY = ["--batch_size", "8", "--max_length", "64", "--log_interval", "1", "--eval_interval", "10",
@@ -205,7 +206,7 @@ def test_lora_trains_and_exports_an_adapter_peft_loads(tmp_path, base, data):
     assert all("lora_A" in k or "lora_B" in k for k in adapter) and len(adapter) == 2 * len(linear)
     assert sum(t.numel() for t in adapter.values()) == expected
     assert not (out / "final" / "model.safetensors").exists()
-    ckpt = out / "checkpoints" / "checkpoint_step_6"
+    ckpt = run_step_dir(out, 6)
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     moments = sum(v.numel() for s in optim["state"].values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
     assert moments == 2 * expected  # AdamW state for the adapter only
@@ -248,7 +249,7 @@ def test_lr_find_runs_on_the_recipe_trainer(tmp_path, base, data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("suggested learning rate: ") and 1e-5 < float(line.split(": ")[1].split()[0]) < 10
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not ckpt_root(tmp_path / "run").exists()
 
 
 def test_lora_default_targets_cover_gpt2_conv1d_layers(tmp_path):
@@ -298,9 +299,9 @@ def test_resume_continues_exactly(tmp_path, base, data):
     run_inprocess(module, [*args, "--output_dir", str(tmp_path / "a")])
     b = tmp_path / "b"
     shutil.copytree(tmp_path / "a", b, symlinks=True)
-    shutil.rmtree(b / "checkpoints" / "checkpoint_step_6")
+    shutil.rmtree(run_step_dir(b, 6))
     shutil.rmtree(b / "final")
-    (b / "checkpoints" / "checkpoint_latest").unlink()
+    (ckpt_root(b) / LATEST).unlink()
     (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(tmp_path / "a") if r["step"] <= 3))
     run_inprocess(module, [*args, "--output_dir", str(b), "--resume", "true"])
     assert losses(b) == losses(tmp_path / "a")  # exact: same batches, LoRA dropout RNG, optimizer state
@@ -354,7 +355,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, base, data, odd_folders,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert not ckpt_root(tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("causal_lm_*.yaml")), ids=lambda p: p.stem)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, torchrun
+from tests.helpers import BEST, LATEST, STEP_GLOB, ckpt_root, run_step_dir, step_folder_name
 
 RECIPE = ROOT / "recipes" / "classify.py"
 TINY = ["--batch_size", "16", "--max_length", "32", "--vocab_size", "300", "--d_model", "32", "--n_heads", "2",
@@ -130,9 +131,9 @@ def test_single_label_learns_the_keyword_and_the_export_predicts_without_acceltr
     assert check["accuracy"] > 0.9 and check["labels"] == ["has_apple", "has_banana"]
     assert check["problem_type"] == "single_label_classification"
     assert "classes: has_apple, has_banana" in (out / "final" / "README.md").read_text()
-    best = (out / "checkpoints" / "checkpoint_best").resolve().name  # kept by eval/accuracy, ties to the newest
+    best = (ckpt_root(out) / BEST).resolve().name  # kept by eval/accuracy, ties to the newest
     top = max(evals(out), key=lambda r: (r["eval/accuracy"], r["step"]))
-    assert best == f"checkpoint_step_{top['step']}" and f"Saved {out / 'final'} from step {top['step']}" in proc.stdout
+    assert best == step_folder_name(top['step']) and f"Saved {out / 'final'} from step {top['step']}" in proc.stdout
 
 
 def test_exported_best_checkpoint_is_the_best_not_the_last(tmp_path, data):
@@ -144,8 +145,8 @@ def test_exported_best_checkpoint_is_the_best_not_the_last(tmp_path, data):
     by_loss = min(evals(out), key=lambda r: r["eval/loss"])
     check = eval_check(out / "final", data["eval"])
     assert check["loss"] == pytest.approx(by_loss["eval/loss"], abs=1e-5)
-    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_step_*"))
-    assert kept == sorted({f"checkpoint_step_{by_loss['step']}", "checkpoint_step_40"})
+    kept = sorted(p.name for p in ckpt_root(out).glob(STEP_GLOB))
+    assert kept == sorted({step_folder_name(by_loss['step']), step_folder_name(40)})
 
 
 def test_multi_label(tmp_path):
@@ -195,7 +196,7 @@ def test_lora_trains_only_the_adapter_and_head_and_peft_loads_it(tmp_path, singl
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     assert sum(t.numel() for t in adapter.values()) == expected
     assert all("lora_" in k or ".classifier." in k for k in adapter)
-    ckpt = out / "checkpoints" / "checkpoint_step_10"
+    ckpt = run_step_dir(out, 10)
     optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert sum(v.numel() for s in optim["state"].values() for k, v in s.items() if k == "exp_avg") == expected
     check = f"""
@@ -262,8 +263,8 @@ def test_resume_continues_exactly(tmp_path, data):
     run_inprocess(module, [*args, "--output_dir", str(tmp_path / "a")])
     b = tmp_path / "b"
     shutil.copytree(tmp_path / "a", b, symlinks=True)
-    for name in ("checkpoint_step_6", "checkpoint_latest", "checkpoint_best"):
-        path = b / "checkpoints" / name
+    for name in (step_folder_name(6), LATEST, BEST):
+        path = ckpt_root(b) / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     shutil.rmtree(b / "final")
     (b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(tmp_path / "a") if r["step"] <= 3))
@@ -305,7 +306,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, data, vit_folder, single
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert not ckpt_root(tmp_path / "o").exists()
 
 
 def test_labels_out_of_range_exit_2(tmp_path):

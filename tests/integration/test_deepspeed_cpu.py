@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, free_port, torchrun
+from tests.helpers import LATEST, ckpt_root, run_step_dir, step_dir, step_folder_name
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install '.[deepspeed]')")
 SCRIPT = Path(__file__).parent / "scripts" / "deepspeed_check.py"
@@ -96,10 +97,10 @@ def zero(tmp_path_factory):
                     # rank 0 gets the signal after step 2; the ranks agree on it and both save step 3
                     _start(ws["z3_b"], 2, "--deepspeed", "3", "--kill-at", "2"))
     _ok(first[0]), _ok(first[1], 143), _ok(first[2]), _ok(first[3], None)
-    latest = {k: (ws[k] / "checkpoints" / "checkpoint_latest").resolve().name for k in ("z2_b", "z3_b")}
-    shutil.copytree(ws["z2_b"] / "checkpoints", ws["z2_as_z3"] / "checkpoints", symlinks=True)
-    shutil.copytree(ws["z3_b"] / "checkpoints", ws["z3_on_1"] / "checkpoints", symlinks=True)
-    shutil.copytree(ws["z2_b"] / "checkpoints", ws["z2_on_2"] / "checkpoints", symlinks=True)
+    latest = {k: (ckpt_root(ws[k]) / LATEST).resolve().name for k in ("z2_b", "z3_b")}
+    shutil.copytree(ckpt_root(ws["z2_b"]), ckpt_root(ws["z2_as_z3"]), symlinks=True)
+    shutil.copytree(ckpt_root(ws["z3_b"]), ckpt_root(ws["z3_on_1"]), symlinks=True)
+    shutil.copytree(ckpt_root(ws["z2_b"]), ckpt_root(ws["z2_on_2"]), symlinks=True)
     second = _finish(_start(ws["z2_b"], 1, "--deepspeed", "2"),
                      _start(ws["z3_b"], 2, "--deepspeed", "3"),
                      _start(ws["z2_as_z3"], 1, "--deepspeed", "3"),
@@ -136,24 +137,24 @@ def _assert_resumed_exactly(a: Path, b: Path, rank: int, k: int = 3) -> dict:
 
 def test_zero2_resumes_bit_identically_in_a_new_process(zero):
     ws = zero["ws"]
-    assert zero["latest"]["z2_b"] == "checkpoint_step_3"
-    assert "resumed from" in zero["resumed"]["z2_b"] and "checkpoint_step_3 at step 3" in zero["resumed"]["z2_b"]
+    assert zero["latest"]["z2_b"] == step_folder_name(3)
+    assert "resumed from" in zero["resumed"]["z2_b"] and f"{step_folder_name(3)} at step 3" in zero["resumed"]["z2_b"]
     final = _assert_resumed_exactly(ws["z2_a"], ws["z2_b"], rank=0)
     # Training moved the weights between step 3 and N (the comparison is not vacuous).
     from safetensors.torch import load_file
 
-    at_3 = load_file(ws["z2_b"] / "checkpoints" / "checkpoint_step_3" / "model.safetensors")
+    at_3 = load_file(run_step_dir(ws["z2_b"], 3) / "model.safetensors")
     assert at_3.keys() == final["model"].keys()
     assert all(not torch.equal(at_3[name], final["model"][name]) for name in at_3)
 
 
 def test_zero3_on_two_ranks_resumes_bit_identically_in_a_new_process(zero):
     ws = zero["ws"]
-    assert zero["latest"]["z3_b"] == "checkpoint_step_3"
-    assert "checkpoint_step_3 at step 3" in zero["resumed"]["z3_b"]
+    assert zero["latest"]["z3_b"] == step_folder_name(3)
+    assert f"{step_folder_name(3)} at step 3" in zero["resumed"]["z3_b"]
     finals = [_assert_resumed_exactly(ws["z3_a"], ws["z3_b"], rank=r) for r in (0, 1)]
     # Each rank held its own half: the partitions differ, and both moved after step 3.
-    shard = ws["z3_b"] / "checkpoints" / "checkpoint_step_3" / "optimizer_shard_{}.pt"
+    shard = run_step_dir(ws["z3_b"], 3) / "optimizer_shard_{}.pt"
     for r, final in enumerate(finals):
         at_3 = torch.load(str(shard).format(r), weights_only=True)["fp32_flat_groups"][0]
         now = final["optimizer"]["state"]["zero"]["zero.fp32_flat_groups.0"]
@@ -171,14 +172,14 @@ def test_zero3_on_two_ranks_resumes_bit_identically_in_a_new_process(zero):
 def test_zero_checkpoint_has_a_valid_manifest_and_loads_without_unpickling(zero, run, stage, files):
     from acceltrain.checkpoint import find_latest_checkpoint, verify_checkpoint
 
-    root = zero["ws"][run] / "checkpoints"
-    folder = root / "checkpoint_step_3"
+    root = ckpt_root(zero["ws"][run])
+    folder = step_dir(root, 3)
     manifest = verify_checkpoint(folder)  # every file with its size and CRC32
     assert manifest["step"] == 3 and manifest["world_size"] == (1 if stage == 2 else 2)
     assert manifest["deepspeed"] == {"zero_stage": stage, "mixed_precision": None}
     assert set(manifest["files"]) == files
     assert not list(root.glob(".tmp_*"))
-    assert find_latest_checkpoint(root, clean=False) == root / "checkpoint_step_6"  # the resumed run's last save
+    assert find_latest_checkpoint(root, clean=False) == step_dir(root, 6)  # the resumed run's last save
     for name in files - {"model.safetensors"}:
         torch.load(folder / name, weights_only=True)  # no DeepSpeed objects: nothing to unpickle
 
@@ -204,7 +205,7 @@ def test_a_different_zero_stage_or_world_size_is_refused_naming_it(zero, run, wa
     assert last.startswith("error: ") and wanted in last, last
     ws = zero["ws"][run]
     assert not (ws / "steps_rank0.jsonl").exists()  # refused before the first step
-    assert sorted(p.name for p in (ws / "checkpoints").iterdir()) == ["checkpoint_latest", "checkpoint_step_3"]
+    assert sorted(p.name for p in ckpt_root(ws).iterdir()) == sorted([LATEST, step_folder_name(3)])
 
 
 def test_a_zero_checkpoint_is_refused_by_a_run_without_deepspeed(zero, tmp_path):
@@ -212,7 +213,7 @@ def test_a_zero_checkpoint_is_refused_by_a_run_without_deepspeed(zero, tmp_path)
     from acceltrain.checkpoint import CheckpointError
     from tests.helpers import ToyTrainer
 
-    folder = zero["ws"]["z2_as_z3"] / "checkpoints" / "checkpoint_step_3"
+    folder = run_step_dir(zero["ws"]["z2_as_z3"], 3)
     hook = CheckpointingHook(load=folder, exit_signals=[])
     trainer = ToyTrainer(max_steps=4, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook])
     with pytest.raises(CheckpointError, match=r"saved with DeepSpeed ZeRO-2 .*this run is without DeepSpeed"):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, torchrun
+from tests.helpers import ckpt_root, link_step, run_step_dir
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 N = 10
@@ -85,14 +86,14 @@ def ddp2_at_4(tmp_path_factory) -> Path:
     proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), *NO_DROPOUT, "--kill-at", "3", "--kill-rank", "1",
                     check=False)
     assert proc.returncode != 0
-    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == "checkpoint_step_4"
+    assert link_step(ckpt_root(b)) == 4
     return b
 
 
 def test_two_ranks_resumed_on_one_continue_the_global_order(ddp2, ddp2_at_4, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(ddp2_at_4, b, symlinks=True)
-    manifest = json.loads((b / "checkpoints" / "checkpoint_step_4" / "manifest.json").read_text())
+    manifest = json.loads((run_step_dir(b, 4) / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert manifest["batch"] == {"micro_batch": 4, "accumulation": 2, "global_batch": 16}
     assert manifest["sampler"] == {"layout": "global", "num_replicas": 2, "dataset_len": 96, "shuffle": True,
@@ -132,7 +133,7 @@ def test_a_global_batch_no_accumulation_keeps_is_refused_unless_allowed(ddp2, dd
     proc = single(b, "--max-steps", str(N), *NO_DROPOUT, "--batch-size", "3", expect=2)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {b / 'checkpoints' / 'checkpoint_step_4'}: saved with 16 samples per step (4 per process x "
+        f"error: {run_step_dir(b, 4)}: saved with 16 samples per step (4 per process x "
         "accumulation 2 x 2 processes); on 1 process with micro-batch 3 a step is a multiple of 3 samples, so no "
         "accumulation keeps 16 (this run would use 6): resume on a number of processes that keeps it, or pass "
         "--allow_global_batch_change true (allow_global_batch_change=True) to continue with the new global batch")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
+from tests.helpers import run_step_dir
 from tests.integration.test_resume import N, assert_identical_end
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp_check.py"
@@ -33,7 +34,7 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_identically(tmp_path_factory):
     proc = torchrun(RESUME, str(b), "--max-steps", str(N), "--fsdp", "--kill-at", "5", check=False)
     assert proc.returncode != 0
     # Signalled after step 5; the ranks agree in step 6's collective and both save step 6.
-    folder = b / "checkpoints" / "checkpoint_step_6"
+    folder = run_step_dir(b, 6)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["sharded"] is True
     assert {"model_shard_0.safetensors", "model_shard_1.safetensors", "optimizer_shard_0.pt",
@@ -93,14 +94,14 @@ def test_fsdp2_two_ranks_resume_on_one_from_the_reassembled_shards(fsdp2_no_drop
     proc = torchrun(RESUME, str(b), "--max-steps", str(N), "--fsdp", "--dropout", "0", "--kill-at", "3",
                     "--kill-rank", "1", check=False)
     assert proc.returncode != 0
-    folder = b / "checkpoints" / "checkpoint_step_4"
+    folder = run_step_dir(b, 4)
     proc = torchrun(RESUME, str(b), "--max-steps", str(N), "--fsdp", "--dropout", "0", "--dump-loaded",
                     str(b / "loaded.pt"), nproc=1)
     assert ("resumed on 1 process from a 2-process checkpoint at step 4: accumulation 2 -> 4, same 16 samples "
             "per step") in proc.stderr
     _assert_loaded_equals_saved_shards(b / "loaded.pt", folder)
     # The one-rank run is FSDP2 too (it saves shards), and drew the two-rank run's samples.
-    later = json.loads((b / "checkpoints" / "checkpoint_step_8" / "manifest.json").read_text())
+    later = json.loads((run_step_dir(b, 8) / "manifest.json").read_text())
     assert later["sharded"] is True and later["world_size"] == 1
     assert_same_stream(steps(fsdp2_no_dropout, 2), steps(b, 1), after=4)
     assert_close_final(fsdp2_no_dropout, b)
@@ -113,7 +114,7 @@ def test_fsdp2_one_rank_resumes_on_two(fsdp2_no_dropout, tmp_path):
     proc = torchrun(RESUME, str(b), "--max-steps", str(N), "--fsdp", "--dropout", "0", "--accum", "4",
                     "--kill-at", "4", nproc=1, check=False)
     assert proc.returncode != 0
-    folder = b / "checkpoints" / "checkpoint_step_4"
+    folder = run_step_dir(b, 4)
     proc = torchrun(RESUME, str(b), "--max-steps", str(N), "--fsdp", "--dropout", "0", "--accum", "4",
                     "--dump-loaded", str(b / "loaded.pt"))
     assert ("resumed on 2 processes from a 1-process checkpoint at step 4: accumulation 4 -> 2, same 16 samples "

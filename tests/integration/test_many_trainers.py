@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 from tests.conftest import ROOT
+from tests.helpers import run_step_dir
 
 SCRIPT = textwrap.dedent(
     """
@@ -73,4 +74,4 @@ def test_three_trainers_and_a_resume_in_one_process(tmp_path):
     # bf16 autocast changes the arithmetic: the fp32 run must not have run under bf16.
     assert out["bf16"]["weight"] != out["none"]["weight"]
     assert out["resumed"] == {"precision": "bf16", "step": 6}
-    assert (tmp_path / "bf16" / "checkpoints" / "checkpoint_step_6").is_dir()
+    assert run_step_dir(tmp_path / "bf16", 6).is_dir()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, torchrun
+from tests.helpers import run_step_dir, step_folder_name
 
 RECIPE = ROOT / "recipes" / "pretrain.py"
 GOLDEN = Path(__file__).parent / "golden" / "pretrain_tiny_losses.json"
@@ -159,7 +160,7 @@ def test_two_processes(tmp_path, corpus):
     got = losses(out)
     assert len(got) == 8 and got[-1] < got[0]
     assert (out / "final" / "model.safetensors").is_file()
-    manifest = json.loads((out / "checkpoints" / "checkpoint_step_8" / "manifest.json").read_text())
+    manifest = json.loads((run_step_dir(out, 8) / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and {"rank_state_0.pt", "rank_state_1.pt"} <= set(manifest["files"])
 
 
@@ -171,7 +172,7 @@ def test_resume_after_the_run_continues(tiny_run, corpus, tmp_path):
     shutil.copytree(out, copy, symlinks=True)
     proc = run("--output_dir", str(copy), "--dataset", str(corpus), "--max_steps", "12", "--resume", "true", *TINY,
                cache=cache)
-    assert "resumed from" in proc.stderr and "checkpoint_step_10" in proc.stderr
+    assert "resumed from" in proc.stderr and step_folder_name(10) in proc.stderr
     assert len(losses(copy)) == 12
 
 
@@ -206,7 +207,7 @@ def test_compile_matches_eager_exports_plain_keys_and_resumes_eagerly(tiny_run, 
     shutil.copytree(comp, eager, symlinks=True)
     proc = run("--output_dir", str(eager), "--dataset", str(corpus), "--max_steps", "12", "--resume", "true", *TINY,
                cache=cache)
-    assert "checkpoint_step_10" in proc.stderr and len(losses(eager)) == 12
+    assert step_folder_name(10) in proc.stderr and len(losses(eager)) == 12
 
 
 @pytest.mark.parametrize(

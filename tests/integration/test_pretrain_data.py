@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import ckpt_root, link_step
 
 INGEST = Path(__file__).parent / "scripts" / "ingest_run.py"
 
@@ -118,7 +119,7 @@ def test_sigterm_on_a_sharded_mixture_with_two_ranks_and_two_workers_resumes_bit
                     check=False)
     assert proc.returncode != 0
     saved = 6  # the signal reached rank 1 after step 5; the ranks agree in step 6 and save it
-    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{saved}"
+    assert link_step(ckpt_root(b)) == saved
     torchrun(MIXTURE, str(b), str(code), str(prose), "--max-steps", str(N))
     ingests = {r: [json.loads(x)["from_cache"] for x in (a / f"ingest_rank{r}.jsonl").read_text().splitlines()]
                for r in (0, 1)}

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, torchrun
+from tests.helpers import LATEST, ckpt_root, link_step, run_step_dir, step_folder_name, tmp_folder_name
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 N = 10
@@ -66,13 +67,13 @@ def uninterrupted(tmp_path_factory):
 def test_sigterm_at_step_boundary_resumes_bit_identically(uninterrupted, tmp_path):
     k = 5
     run(tmp_path, "--max-steps", str(N), "--kill-at", str(k), expect=128 + signal.SIGTERM)
-    assert (tmp_path / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{k}"
+    assert link_step(ckpt_root(tmp_path)) == k
     run(tmp_path, "--max-steps", str(N))
     assert_identical_end(uninterrupted, tmp_path, k)
     # Training moved the weights between k and N (the comparison is not vacuous).
     from safetensors.torch import load_file
 
-    at_k = load_file(tmp_path / "checkpoints" / f"checkpoint_step_{k}" / "model.safetensors")
+    at_k = load_file(run_step_dir(tmp_path, k) / "model.safetensors")
     final = torch.load(tmp_path / "final_rank0.pt", weights_only=True)["model"]
     assert any(not torch.equal(at_k[name], final[name]) for name in final)
 
@@ -83,8 +84,8 @@ def test_second_signal_during_the_save_does_not_corrupt_it(uninterrupted, tmp_pa
         expect=128 + signal.SIGTERM)
     from acceltrain.checkpoint import verify_checkpoint
 
-    folder = (tmp_path / "checkpoints" / "checkpoint_latest").resolve()
-    assert folder.name == f"checkpoint_step_{k}" and verify_checkpoint(folder)["step"] == k
+    folder = (ckpt_root(tmp_path) / LATEST).resolve()
+    assert folder.name == step_folder_name(k) and verify_checkpoint(folder)["step"] == k
     run(tmp_path, "--max-steps", str(N))
     assert_identical_end(uninterrupted, tmp_path, k)
 
@@ -95,7 +96,7 @@ def test_signal_inside_an_accumulation_window_finishes_the_window_then_saves(tmp
     k = 6
     run(tmp_path, "--max-steps", str(N), "--accum", "3", "--kill-at", str(k), "--mid-window",
         expect=128 + signal.SIGTERM)
-    assert (tmp_path / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{k}"
+    assert link_step(ckpt_root(tmp_path)) == k
     run(tmp_path, "--max-steps", str(N), "--accum", "3")
     assert_identical_end(a, tmp_path, k)
 
@@ -104,20 +105,20 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(uninterr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "--max-steps", str(N), "--slow-save-at", "8"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "checkpoints" / "SAVING"
+    marker = ckpt_root(tmp_path) / "SAVING"
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, "the run never reached the slow save"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    root = tmp_path / "checkpoints"
-    assert (root / ".tmp_checkpoint_step_8").is_dir()  # torn
-    assert (root / "checkpoint_latest").resolve().name == "checkpoint_step_4"
+    root = ckpt_root(tmp_path)
+    assert (root / tmp_folder_name(8)).is_dir()  # torn
+    assert link_step(root) == 4
     marker.unlink()
     out = run(tmp_path, "--max-steps", str(N))
-    assert "removing" in out.stderr and ".tmp_checkpoint_step_8" in out.stderr
-    assert not (root / ".tmp_checkpoint_step_8").exists()
+    assert "removing" in out.stderr and tmp_folder_name(8) in out.stderr
+    assert not (root / tmp_folder_name(8)).exists()
     assert_identical_end(uninterrupted, tmp_path, 4)
 
 
@@ -146,7 +147,7 @@ def test_two_ranks_signal_on_one_rank_resume_bit_identically(ddp_uninterrupted, 
     # The signal reached rank 1 after step kill_at; the ranks agree on it in the next step's
     # collective, finish that step together and both save it.
     saved = kill_at + 1
-    assert (b / "checkpoints" / "checkpoint_latest").resolve().name == f"checkpoint_step_{saved}"
+    assert link_step(ckpt_root(b)) == saved
     assert re.search(rf"exitcode\s*:\s*{128 + signal.SIGTERM}", proc.stderr), proc.stderr[-3000:]
     torchrun(SCRIPT, str(b), "--max-steps", str(N))
     for rank in (0, 1):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import LATEST, ckpt_root, run_step_dir, step_dir, step_folder_name
 from tests.integration.test_classify import TINY, keyword_rows, load_recipe, run_inprocess, write
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
@@ -40,7 +41,7 @@ def test_resume_with_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_
     args = ["--dataset", str(data), *TINY, "--max_steps", "2", "--eval_interval", "2", "--save_interval", "2",
             "--output_dir", str(out)]
     run_inprocess(module, args)
-    only = out / "checkpoints" / "checkpoint_step_2"
+    only = run_step_dir(out, 2)
     _truncate(only / "model.safetensors")
     before = _snapshot(out)
     capsys.readouterr()
@@ -57,24 +58,24 @@ def test_resume_with_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_
                                                                        if k != "config.yaml"}
     # --overwrite is the explicit way to start again.
     run_inprocess(module, [*args, "--overwrite", "true"])
-    assert (out / "checkpoints" / "checkpoint_step_2" / "manifest.json").is_file()
+    assert (run_step_dir(out, 2) / "manifest.json").is_file()
 
 
 def test_load_latest_with_only_corrupt_checkpoints_refuses_in_a_plain_trainer(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(SCRIPT), str(tmp_path), "--max-steps", "4", "--interval", "2", "--workers", "0"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=120)
-    root = tmp_path / "checkpoints"
+    root = ckpt_root(tmp_path)
     for step in (2, 4):
-        _truncate(root / f"checkpoint_step_{step}" / "optimizer.pt")
+        _truncate(step_dir(root, step) / "optimizer.pt")
     proc = subprocess.run([*cmd[:4], "6", *cmd[5:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: load='latest': no checkpoint in {root} can be resumed from: "), last
     for step in (4, 2):  # newest first, each with what is wrong with it
-        assert f"{root / f'checkpoint_step_{step}' / 'optimizer.pt'}:" in last
+        assert f"{step_dir(root, step) / 'optimizer.pt'}:" in last
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_2", "checkpoint_step_4"]
+    assert sorted(p.name for p in root.iterdir()) == sorted([LATEST, step_folder_name(2), step_folder_name(4)])
 
 
 def _signal_when_ready(workspace: Path, at: str, signum: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -109,8 +110,8 @@ def test_signal_during_a_long_first_step_ends_in_a_checkpoint_of_step_1(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     from acceltrain.checkpoint import verify_checkpoint
 
-    folder = (tmp_path / "checkpoints" / "checkpoint_latest").resolve()
-    assert folder.name == "checkpoint_step_1" and verify_checkpoint(folder)["step"] == 1
+    folder = (ckpt_root(tmp_path) / LATEST).resolve()
+    assert folder.name == step_folder_name(1) and verify_checkpoint(folder)["step"] == 1
 
 
 def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writing_anything(tmp_path, capsys):
@@ -124,7 +125,7 @@ def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writin
     args = ["--dataset", str(data), *TINY, "--max_steps", "2", "--eval_interval", "2", "--save_interval", "2",
             "--output_dir", str(out)]
     run_inprocess(module, args)
-    folder = out / "checkpoints" / "checkpoint_step_2"
+    folder = run_step_dir(out, 2)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["batch"] == {"micro_batch": 16, "accumulation": 1, "global_batch": 16}
     manifest.update(world_size=2, batch={"micro_batch": 20, "accumulation": 1, "global_batch": 40})
@@ -163,4 +164,4 @@ def test_signal_during_the_pretrain_recipes_data_preparation_exits_cleanly(tmp_p
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "SIGTERM before training started: exiting with 143; nothing was trained or saved"
     assert not Path(ready.read_text()).exists()  # the interrupted cache file has no final name
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not ckpt_root(tmp_path / "run").exists()

@@ -25,7 +25,7 @@ import yaml
 
 from acceltrain.slurm import load_slurm_config, render_sbatch
 from tests.conftest import ROOT
-from tests.helpers import require_slurm
+from tests.helpers import STEP_GLOB, ckpt_root, require_slurm, step_folder_name
 from tests.integration.test_pretrain import make_corpus
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_4x8.sbatch"
@@ -157,12 +157,12 @@ def test_usr1_saves_requeues_and_resumes_bit_identically(cluster, tmp_path: Path
     k = int(saved.group(1))
     assert 10 <= k < STEPS
     assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
-    assert re.search(rf"resumed from \S*checkpoint_step_{k} at step {k}", text), text[-4000:]
+    assert re.search(rf"resumed from \S*{step_folder_name(k)} at step {k}", text), text[-4000:]
     assert f"Step {STEPS}/{STEPS}" in text and "Saved" in text
     status = cli("slurm", "status", job).stdout
     assert "COMPLETED" in status and "Restarts=1" in status, status
-    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_step_*"))
-    assert f"checkpoint_step_{STEPS}" in checkpoints
+    checkpoints = sorted(p.name for p in ckpt_root(out).glob(STEP_GLOB))
+    assert step_folder_name(STEPS) in checkpoints
     from safetensors.torch import load_file
 
     got, want = (load_file(d / "final" / "model.safetensors") for d in (out, tmp_path / "reference"))

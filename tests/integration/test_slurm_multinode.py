@@ -28,7 +28,15 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
-from tests.helpers import require_slurm
+from tests.helpers import (
+    LATEST,
+    STEP_GLOB,
+    STEP_PREFIX,
+    ckpt_root,
+    require_slurm,
+    run_step_dir,
+    step_folder_name,
+)
 from tests.integration.test_pretrain import make_corpus
 from tests.integration.test_slurm import SMALL, cli, job_env, last_step, state, wait_for
 
@@ -176,7 +184,7 @@ def test_usr1_on_two_nodes_saves_requeues_once_and_resumes_bit_identically(unint
     # One log, both runs on both nodes.
     assert re.search(rf"job {job} on n\[1-2\], SLURM_RESTART_COUNT=0,", text)
     assert re.search(rf"job {job} on n\[1-2\], SLURM_RESTART_COUNT=1,", text)
-    assert re.search(rf"resumed from \S*checkpoint_step_{k} at step {k}", text), text[-4000:]
+    assert re.search(rf"resumed from \S*{step_folder_name(k)} at step {k}", text), text[-4000:]
     assert f"Step {STEPS}/{STEPS}" in text
     status = cli("slurm", "status", job).stdout
     assert "COMPLETED" in status and "Restarts=1" in status, status
@@ -258,7 +266,7 @@ def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes
     job2, log2 = submit(data, f"{what}_failure", out)
     wait_done(job2, log2)
     text = log2.read_text()[len(first):]  # the same log file, appended to
-    resumed = re.search(r"resumed from \S*checkpoint_step_(\d+) at step (\d+)", text)
+    resumed = re.search(rf"resumed from \S*{re.escape(STEP_PREFIX)}(\d+) at step (\d+)", text)
     assert resumed and resumed.group(1) == resumed.group(2), text[-4000:]
     step = int(resumed.group(1))
     if what == "node":  # no save at the failure: the last periodic one (save_interval 5)
@@ -273,12 +281,12 @@ def test_a_one_node_resubmission_of_a_two_node_checkpoint(uninterrupted, data):
     out = data["base"] / "one_node_resubmission"
     shutil.copytree(uninterrupted["out"], out, symlinks=True)
     shutil.rmtree(out / "final")
-    keep = out / "checkpoints" / f"checkpoint_step_{STEPS - 5}"
-    assert keep.is_dir(), sorted(p.name for p in (out / "checkpoints").iterdir())
-    for folder in (out / "checkpoints").glob("checkpoint_step_*"):
+    keep = run_step_dir(out, STEPS - 5)
+    assert keep.is_dir(), sorted(p.name for p in ckpt_root(out).iterdir())
+    for folder in ckpt_root(out).glob(STEP_GLOB):
         if folder != keep:
             shutil.rmtree(folder)
-    latest = out / "checkpoints" / "checkpoint_latest"
+    latest = ckpt_root(out) / LATEST
     if latest.is_symlink():  # it names the newest folder, deleted above; the loader scans the folders
         latest.unlink()
     job, log = submit(data, "one_node", out, nodes=1)
@@ -290,5 +298,5 @@ def test_a_one_node_resubmission_of_a_two_node_checkpoint(uninterrupted, data):
     assert "COMPLETED" in status, status
     assert re.search(rf"resumed on 1 process from a 2-process checkpoint at step {STEPS - 5}: accumulation "
                      r"\d+ -> \d+, same \d+ samples per step", text), text[-4000:]
-    assert re.search(rf"resumed from \S*checkpoint_step_{STEPS - 5} at step {STEPS - 5}", text), text[-4000:]
+    assert re.search(rf"resumed from \S*{step_folder_name(STEPS - 5)} at step {STEPS - 5}", text), text[-4000:]
     assert f"Step {STEPS}/{STEPS}" in text

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import step_folder_name
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -159,8 +160,8 @@ def test_sigterm_at_6_crash_after_10_resume_to_12_is_one_run_in_wandb_mlflow_and
     assert [s for s, _ in jsonl(tmp_path / "run")["loss"]] == [1, 2, 3, 4, 5, 6]
     first = _first_ids(tmp_path)
     proc = _run(tmp_path, "--save_interval", "4", "--resume", "true", expect=1, STOP_AT="10", STOP_HOW="crash")
-    assert "checkpoint_step_6 at step 6" in proc.stderr and "crash after step 10" in proc.stderr
+    assert f"{step_folder_name(6)} at step 6" in proc.stderr and "crash after step 10" in proc.stderr
     proc = _run(tmp_path, "--save_interval", "4", "--resume", "true", "--log_level", "info", expect=0)
-    assert "checkpoint_step_8 at step 8" in proc.stderr
+    assert f"{step_folder_name(8)} at step 8" in proc.stderr
     assert "steps 9-10 were logged before the restart: their replay is not logged again" in proc.stderr
     assert_one_run_with_every_step_once(tmp_path, first, sessions=3)

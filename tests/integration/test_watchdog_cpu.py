@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.helpers import STEP_GLOB, ckpt_root
 
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_run.py"
 pytestmark = pytest.mark.multiproc
@@ -77,7 +78,7 @@ def test_sigkill_of_torchrun_leaves_no_worker_alive(tmp_path: Path):
             proc.kill()
     assert took < 120
     # SIGTERM from the watchdog reached the checkpoint hook: both ranks agreed and saved one step.
-    saved = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint_step_*"))
+    saved = sorted(ckpt_root(tmp_path / "run").glob(STEP_GLOB))
     assert len(saved) == 1, (saved, log.read_text()[-3000:])
     assert int(saved[0].name.rsplit("_", 1)[1]) >= 3
 

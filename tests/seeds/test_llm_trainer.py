@@ -56,7 +56,7 @@ from acceltrain.compat.llm_trainer import (
 )
 from acceltrain.compat.llm_trainer_config import pretrain_flags
 from tests.conftest import ROOT
-from tests.helpers import cli_error
+from tests.helpers import STEP_GLOB, ckpt_root, cli_error, parse_step, run_step_dir, step_dir
 
 SEED = Path("/work/shared/seeds/004_8cc05e0bf127ac48.txt")
 WORDS = ("the future of ai is bright and once upon a time a model learned to write text while the "
@@ -318,7 +318,7 @@ def test_complete_training_example(data: Path, tmp_path: Path, monkeypatch):
     steps = math.ceil(windows / 8)
     assert [h["step"] for h in trainer.history] == list(range(1, steps + 1))  # num_epochs=1: one pass
     assert trainer.history[-1]["loss"] < trainer.history[0]["loss"]
-    assert (tmp_path / "checkpoints" / f"checkpoint_step_{steps}" / "manifest.json").is_file()
+    assert (run_step_dir(tmp_path, steps) / "manifest.json").is_file()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final_model")
@@ -611,20 +611,20 @@ def test_train_command_line_with_a_nested_config(trained):
         "arch": "gpt2", "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64, "dropout": 0.1, "seq_len": 32,
         "vocab_size": 300, "batch_size": 8, "lr": 3e-3, "max_steps": steps, "warmup_steps": 2}
     assert (root / "output" / "final" / "config.json").is_file()
-    assert (root / "output" / "checkpoints" / f"checkpoint_step_{steps}").is_dir()
+    assert run_step_dir(root / "output", steps).is_dir()
 
 
 def test_train_resume_from_checkpoint_and_force_retrain_tokenizer(trained, capsys):
     root, config = trained["root"], trained["config"]
-    checkpoints = root / "output" / "checkpoints"
-    last = max(checkpoints.glob("checkpoint_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    checkpoints = ckpt_root(root / "output")
+    last = max(checkpoints.glob(STEP_GLOB), key=lambda p: parse_step(p.name))
     step = int(last.name.rsplit("_", 1)[1])
     proc = cli("train", "--config", str(config), "--resume_from_checkpoint", str(last), "--max_steps", str(step + 2),
                "--sample_tokens", "0", "--force_retrain_tokenizer", cache=root / "cache")
     assert f"resumed from {last} at step {step}" in proc.stderr + proc.stdout
     assert "(cached)" not in proc.stdout.split("tokenizer")[1].split(";")[0]  # trained again, in a fresh cache
-    assert (checkpoints / f"checkpoint_step_{step + 2}").is_dir()
-    older = min(checkpoints.glob("checkpoint_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+    assert step_dir(checkpoints, step + 2).is_dir()
+    older = min(checkpoints.glob(STEP_GLOB), key=lambda p: parse_step(p.name))
     # Bad input: one error line, exit 2, before anything is read or written (in-process: fast).
     err = cli_error(capsys, "train", "--config", str(config), "--resume_from_checkpoint", str(older))
     assert err.startswith(f"error: --resume_from_checkpoint {older}: the run in ")

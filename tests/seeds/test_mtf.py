@@ -58,7 +58,7 @@ from acceltrain.compat.mtf import (
     setup_logging,
     validate_project_structure,
 )
-from tests.helpers import require_slurm
+from tests.helpers import LATEST, require_slurm, step_dir, step_folder_name
 
 SEED = Path("/work/shared/seeds/001_5e7f6eb599918087.txt")
 
@@ -349,8 +349,8 @@ def test_fit_calls_the_callbacks_in_order_and_validates_each_epoch(tmp_path: Pat
         pred = trainer.unwrapped_model(x)
     assert events.epoch_logs["val_loss"] == pytest.approx(nn.functional.mse_loss(pred, y).item(), rel=1e-6)
     assert events.epoch_logs["train_loss"] == pytest.approx(sum(events.batch_losses[6:]) / 6, rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "checkpoint_latest", "checkpoint_step_12", "checkpoint_step_6"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([
+        LATEST, step_folder_name(12), step_folder_name(6)])
 
 
 def test_sigterm_during_validation_resumes_into_validation_at_that_batch_exactly(tmp_path: Path):
@@ -379,7 +379,7 @@ def test_sigterm_during_validation_resumes_into_validation_at_that_batch_exactly
 def test_save_and_load_checkpoint_mid_epoch(tmp_path: Path):
     trainer, _, _ = fit(tmp_path, epochs=1)
     path = trainer.save_checkpoint()
-    assert path == tmp_path / "ckpt" / "checkpoint_step_6" and (path / "manifest.json").is_file()
+    assert path == step_dir(tmp_path / "ckpt", 6) and (path / "manifest.json").is_file()
     state = trainer.load_checkpoint(path)
     assert (state.phase, state.epoch, state.global_step) == (TrainerPhase.TRAINING_COMPLETE, 1, 6)
     assert state.rng is not None and state.rng.torch is not None

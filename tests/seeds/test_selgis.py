@@ -19,6 +19,7 @@ from acceltrain.cli import main
 from acceltrain.compat import selgis as selgis_module
 from acceltrain.compat.selgis import Callback, SelgisConfig, Trainer, TransformerConfig, TransformerTrainer
 from acceltrain.config import ConfigError
+from tests.helpers import BEST, LATEST, STEP_GLOB, ckpt_root, run_step_dir, step_dir, step_folder_name
 
 
 def _data(n: int = 64, d: int = 8, seed: int = 0) -> torch.utils.data.TensorDataset:
@@ -134,7 +135,7 @@ def test_cli_train_with_a_selgis_yaml(tmp_path, monkeypatch, capsys):
     final = next(line for line in out.splitlines() if line.startswith("final:"))
     assert "eval/accuracy" in final and "eval/loss" in final
     assert (tmp_path / "run/model.safetensors").is_file() and (tmp_path / "run/metrics.jsonl").is_file()
-    assert (tmp_path / "run/checkpoints/checkpoint_step_16/manifest.json").is_file()
+    assert (run_step_dir(tmp_path / "run", 16) / "manifest.json").is_file()
 
 
 def test_cli_train_selgis_help_and_overrides(tmp_path, monkeypatch, capsys):
@@ -426,24 +427,24 @@ def test_logging_eval_and_save_steps(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
     assert [step for step, _ in next(h for h in t.hooks if isinstance(h, acceltrain.EvaluationHook)).history] == [3, 6, 8]
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint_step_*")) == [
-        "checkpoint_step_6", "checkpoint_step_8"]
+    assert sorted(p.name for p in ckpt_root(out).glob(STEP_GLOB)) == [
+        step_folder_name(6), step_folder_name(8)]
 
 
 def test_save_best_only_keeps_the_best_and_the_newest(tmp_path):
     t = Trainer(_mlp(), _cfg(tmp_path, max_epochs=4, save_best_only=True), _loader(), _loader())
     t.train()
     root = tmp_path / "out/checkpoints"
-    best = (root / "checkpoint_best").resolve().name
-    kept = sorted(p.name for p in root.glob("checkpoint_step_*"))
-    assert "checkpoint_step_16" in kept and best in kept and len(kept) == len({best, "checkpoint_step_16"})
+    best = (root / BEST).resolve().name
+    kept = sorted(p.name for p in root.glob(STEP_GLOB))
+    assert step_folder_name(16) in kept and best in kept and len(kept) == len({best, step_folder_name(16)})
 
 
 def test_state_storage_and_state_dir(tmp_path):
     Trainer(_mlp(), _cfg(tmp_path / "mem", state_storage="memory"), _loader()).train()
     assert not (tmp_path / "mem/out/checkpoints").exists()
     Trainer(_mlp(), _cfg(tmp_path / "dir", state_dir=str(tmp_path / "state")), _loader()).train()
-    assert (tmp_path / "state/checkpoint_step_8/manifest.json").is_file()
+    assert (step_dir(tmp_path / "state", 8) / "manifest.json").is_file()
     assert not (tmp_path / "dir/out/checkpoints").exists()
     with pytest.raises(ConfigError, match="state_storage must be 'disk' or 'memory', got 'gpu'"):
         _cfg(tmp_path, state_storage="gpu")
@@ -459,7 +460,7 @@ def test_output_dir_resume_and_seed(tmp_path):
     b, _ = weights(1, tmp_path / "b")
     c, _ = weights(2, tmp_path / "c")
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert (tmp_path / "a/out/checkpoints/checkpoint_latest").exists()
+    assert (ckpt_root(tmp_path / "a/out") / LATEST).exists()
     again, t = weights(1, tmp_path / "a")  # same output_dir: resumes from its finished checkpoint
     assert t.step == 8 and torch.equal(again, a)
 

@@ -32,6 +32,7 @@ from acceltrain.compat.transformer_builder import (
 )
 from acceltrain.data.text import DataError
 from acceltrain.data.tokenizer_check import TokenizerValidationError
+from tests.helpers import CHECKPOINTS_SUBDIR, STEP_GLOB, ckpt_root, step_folder_name
 
 _WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial boxers; "
           "sphinx of black quartz judge my vow").split()
@@ -188,7 +189,7 @@ def test_train_model_simple_api(wikitext, capsys):
     print(f"Final metrics: {results['final_metrics']}")
     assert set(results) == {"best_model_path", "final_metrics", "trainer", "model", "tokenizer"}
     best = Path(results["best_model_path"])
-    assert best.parent.name == "checkpoints" and (best / "manifest.json").is_file()
+    assert best.parent.name == CHECKPOINTS_SUBDIR and (best / "manifest.json").is_file()
     assert set(results["final_metrics"]) == {"loss"} and results["trainer"].step == 3
     assert isinstance(results["model"], UniversalModelAdapter) and results["model"].model is results["trainer"].unwrapped_model
     assert len(results["tokenizer"]) == 50257
@@ -208,7 +209,7 @@ def test_training_coordinator_advanced_api(wikitext, caplog):
     assert "precision='16': no GPU in use, training in fp32" in caplog.text or torch.cuda.is_available()
     trainer = results["trainer"]
     assert trainer.gradient_accumulation_steps == 2 and trainer.grad_clip == 1.0
-    kept = sorted(Path("training_output/checkpoints").glob("checkpoint_step_*"))
+    kept = sorted(ckpt_root("training_output").glob(STEP_GLOB))
     assert 1 <= len(kept) <= 4  # the 3 best and the newest
     manager = CheckpointManager(checkpoint_dir="training_output/checkpoints", monitor="val_loss")
     assert manager.get_best_checkpoint_path() == results["best_model_path"]  # both absolute
@@ -254,7 +255,7 @@ def test_checkpoint_manager(wikitext, capsys):
     assert torch.equal(model.model.transformer.wte.weight, next(iter(saved.values())))
     checkpoints = manager.list_checkpoints()
     metrics = [manager.metric_of(c) for c in manager.list_checkpoints(sort_by="metric")]
-    assert metrics == sorted(metrics) and checkpoints[-1].endswith("checkpoint_step_4")
+    assert metrics == sorted(metrics) and checkpoints[-1].endswith(step_folder_name(4))
     assert 2 <= len(checkpoints) <= 3  # save_top_k=2 best and the newest (4 epochs: one checkpoint each)
     removed = manager.cleanup_old_checkpoints(keep_top_k=1)
     left = manager.list_checkpoints()

@@ -18,7 +18,17 @@ from acceltrain.checkpoint import (
     load_checkpoint,
     verify_checkpoint,
 )
-from tests.helpers import ToyTrainer
+from tests.helpers import (
+    BEST,
+    ToyTrainer,
+    ckpt_root,
+    link_step,
+    run_step_dir,
+    saved_steps,
+    step_dir,
+    step_folder_name,
+    tmp_folder_name,
+)
 
 
 def _train(tmp_path: Path, steps: int, **hook_kwargs) -> ToyTrainer:
@@ -30,13 +40,9 @@ def _train(tmp_path: Path, steps: int, **hook_kwargs) -> ToyTrainer:
     return t
 
 
-def _names(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint_step_"))
-
-
 def test_folder_layout_and_manifest(tmp_path):
     _train(tmp_path, 2)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    folder = run_step_dir(tmp_path, 2)
     manifest = verify_checkpoint(folder)
     assert manifest["step"] == 2 and manifest["world_size"] == 1
     assert set(manifest["files"]) == {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rank_state_0.pt"}
@@ -45,18 +51,18 @@ def test_folder_layout_and_manifest(tmp_path):
 
 def test_truncated_file_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     _train(tmp_path, 3)
-    root = tmp_path / "checkpoints"
-    victim = root / "checkpoint_step_3" / "optimizer.pt"
+    root = ckpt_root(tmp_path)
+    victim = step_dir(root, 3) / "optimizer.pt"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="acceltrain"):
-        assert find_latest_checkpoint(root) == root / "checkpoint_step_2"
+        assert find_latest_checkpoint(root) == step_dir(root, 2)
     assert str(victim) in caplog.text and "truncated" in caplog.text
 
 
 def test_altered_file_of_same_size_is_detected(tmp_path):
     _train(tmp_path, 1)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    folder = run_step_dir(tmp_path, 1)
     victim = folder / "model.safetensors"
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0xFF
@@ -67,7 +73,7 @@ def test_altered_file_of_same_size_is_detected(tmp_path):
 
 def test_explicit_load_of_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path):
     _train(tmp_path, 2)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    folder = run_step_dir(tmp_path, 2)
     (folder / "trainer_state.pt").write_bytes(b"garbage")
     hook = CheckpointingHook(load=folder, exit_signals=[])
     t = ToyTrainer(max_steps=3, optimizer="adamw", device="cpu", workspace=tmp_path / "other", hooks=[hook])
@@ -80,7 +86,7 @@ def test_resume_reads_each_file_for_its_checksum_once(tmp_path, monkeypatch, loa
     import acceltrain.checkpoint as ckpt
 
     _train(tmp_path, 2)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    folder = run_step_dir(tmp_path, 2)
     read = []
     real = ckpt._crc32
     monkeypatch.setattr(ckpt, "_crc32", lambda path: read.append(path.name) or real(path))
@@ -104,7 +110,7 @@ class _Payload:
 
 def test_a_pickle_that_runs_code_is_never_executed(tmp_path):
     _train(tmp_path, 1)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    folder = run_step_dir(tmp_path, 1)
     marker = tmp_path / "pwned"
     payload = _Payload()
     payload.marker = marker
@@ -119,10 +125,10 @@ def test_a_pickle_that_runs_code_is_never_executed(tmp_path):
 
 def test_stale_temporary_folder_is_removed(tmp_path):
     _train(tmp_path, 1)
-    stale = tmp_path / "checkpoints" / ".tmp_checkpoint_step_7"
+    stale = ckpt_root(tmp_path) / tmp_folder_name(7)
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    assert find_latest_checkpoint(tmp_path / "checkpoints").name == "checkpoint_step_1"
+    assert find_latest_checkpoint(ckpt_root(tmp_path)).name == step_folder_name(1)
     assert not stale.exists()
 
 
@@ -139,7 +145,7 @@ def _as_if_saved_by(folder: Path, world: int, batch: tuple[int, int] | None) -> 
 
 def test_world_size_change_keeps_the_global_batch_by_accumulation(tmp_path, caplog):
     _train(tmp_path, 1)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    folder = run_step_dir(tmp_path, 1)
     assert json.loads((folder / "manifest.json").read_text())["batch"] == {
         "micro_batch": 8, "accumulation": 1, "global_batch": 8}
     _as_if_saved_by(folder, 2, (8, 1))
@@ -154,7 +160,7 @@ def test_world_size_change_keeps_the_global_batch_by_accumulation(tmp_path, capl
 
 def test_world_size_change_that_cannot_keep_the_global_batch_is_refused(tmp_path):
     _train(tmp_path, 1)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    folder = run_step_dir(tmp_path, 1)
     _as_if_saved_by(folder, 2, (6, 3))  # 36 samples per step: no multiple of this run's 8 per micro-step
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
     t._build()
@@ -169,7 +175,7 @@ def test_world_size_change_that_cannot_keep_the_global_batch_is_refused(tmp_path
 
 def test_world_size_change_without_a_recorded_batch_is_refused(tmp_path):
     _train(tmp_path, 1)
-    folder = tmp_path / "checkpoints" / "checkpoint_step_1"
+    folder = run_step_dir(tmp_path, 1)
     _as_if_saved_by(folder, 2, None)
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
     t._build()
@@ -180,7 +186,7 @@ def test_world_size_change_without_a_recorded_batch_is_refused(tmp_path):
 
 def test_keep_previous_and_keep_interval_after_20_steps(tmp_path):
     _train(tmp_path, 20, keep_previous=2, keep_interval=5)
-    assert _names(tmp_path / "checkpoints") == [f"checkpoint_step_{n}" for n in (10, 15, 19, 20, 5)]
+    assert saved_steps(ckpt_root(tmp_path)) == [5, 10, 15, 19, 20]
 
 
 def test_keep_best_by_metric_after_20_steps(tmp_path):
@@ -193,10 +199,10 @@ def test_keep_best_by_metric_after_20_steps(tmp_path):
 
     hook = Metric(interval=1, keep_previous=1, keep_best=2, metric="eval/loss", mode="min", exit_signals=[])
     ToyTrainer(max_steps=20, device="cpu", workspace=tmp_path, hooks=[hook]).train()
-    root = tmp_path / "checkpoints"
-    assert _names(root) == ["checkpoint_step_20", "checkpoint_step_6", "checkpoint_step_7"]
-    assert (root / "checkpoint_best").resolve().name == "checkpoint_step_7"
-    assert json.loads((root / "checkpoint_step_7" / "manifest.json").read_text())["metrics"] == {"eval/loss": 0.0}
+    root = ckpt_root(tmp_path)
+    assert saved_steps(root) == [6, 7, 20]
+    assert link_step(root, BEST) == 7
+    assert json.loads((step_dir(root, 7) / "manifest.json").read_text())["metrics"] == {"eval/loss": 0.0}
 
 
 def test_bad_hook_arguments():
@@ -359,7 +365,7 @@ def test_lora_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
     full.train()
     hook = CheckpointingHook(interval=2, keep_previous=None, exit_signals=[])
     _LoraLM(max_steps=2, device="cpu", workspace=tmp_path, hooks=[hook]).train()
-    folder = tmp_path / "checkpoints" / "checkpoint_step_2"
+    folder = run_step_dir(tmp_path, 2)
     saved = load_file(folder / "model.safetensors")
     trainable = {n for n, p in full.unwrapped_model.named_parameters() if p.requires_grad}
     assert set(saved) - {n for n, _ in full.unwrapped_model.named_buffers()} == trainable
@@ -403,7 +409,7 @@ def _signalled_run(tmp_path: Path, signum: int, **hook_kwargs) -> tuple[Checkpoi
     hook = CheckpointingHook(interval=100, requeue=True, **hook_kwargs)
     with pytest.raises(SystemExit) as exit_info:
         ToyTrainer(max_steps=4, device="cpu", workspace=tmp_path, hooks=[SignalAfterStep2(), hook]).train()
-    assert (tmp_path / "checkpoints" / "checkpoint_latest").resolve().name == "checkpoint_step_2"  # saved anyway
+    assert link_step(ckpt_root(tmp_path)) == 2  # saved anyway
     return hook, exit_info.value.code
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from acceltrain.checkpoint import CheckpointError
 from acceltrain.checkpoint_manager import CheckpointManager
 from acceltrain.one_call import Trainer
-from tests.helpers import regression_data
+from tests.helpers import ckpt_root, regression_data, run_step_dir, step_folder_name
 
 
 def _run(tmp_path):
@@ -26,13 +26,13 @@ def _run(tmp_path):
 def test_rank_load_and_clean(tmp_path):
     trainer = _run(tmp_path)
     evals = {step: m["loss"] for step, m in next(h for h in trainer.hooks if hasattr(h, "history")).history}
-    manager = CheckpointManager(tmp_path / "checkpoints", monitor="val_loss", mode="min")
+    manager = CheckpointManager(ckpt_root(tmp_path), monitor="val_loss", mode="min")
     steps = [int(p.rsplit("_", 1)[1]) for p in manager.list_checkpoints()]
     assert steps == [1, 2, 3, 4]
     by_metric = [int(p.rsplit("_", 1)[1]) for p in manager.list_checkpoints(sort_by="metric")]
     assert by_metric == sorted(evals, key=lambda s: evals[s])
     best = manager.get_best_checkpoint_path()
-    assert best.endswith(f"checkpoint_step_{by_metric[0]}")
+    assert best.endswith(step_folder_name(by_metric[0]))
     loaded = manager.load_checkpoint(manager.list_checkpoints()[-1])
     assert loaded["step"] == 4 and loaded["metrics"] == {"eval/loss": evals[4]}
     for name, value in trainer.unwrapped_model.state_dict().items():
@@ -41,18 +41,18 @@ def test_rank_load_and_clean(tmp_path):
                                                manager.list_checkpoints()[-1])
     assert torch.equal(fresh[0].weight, trainer.unwrapped_model[0].weight)
     removed = manager.cleanup_old_checkpoints(keep_top_k=1)
-    assert sorted(manager.list_checkpoints()) == sorted({best, str(tmp_path.resolve() / "checkpoints/checkpoint_step_4")})
+    assert sorted(manager.list_checkpoints()) == sorted({best, str(run_step_dir(tmp_path.resolve(), 4))})
     assert len(removed) == 4 - len(manager.list_checkpoints())
 
 
 def test_a_torn_checkpoint_is_skipped_and_refused(tmp_path, caplog):
     _run(tmp_path)
-    manager = CheckpointManager(tmp_path / "checkpoints", monitor="eval/loss")
-    torn = tmp_path / "checkpoints/checkpoint_step_2"
+    manager = CheckpointManager(ckpt_root(tmp_path), monitor="eval/loss")
+    torn = run_step_dir(tmp_path, 2)
     (torn / "model.safetensors").write_bytes(b"garbage")
     assert str(torn.resolve()) not in manager.list_checkpoints() and len(manager.list_checkpoints()) == 3
     assert "model.safetensors" in caplog.text
-    with pytest.raises(CheckpointError, match="checkpoint_step_2/model.safetensors: 7 bytes"):
+    with pytest.raises(CheckpointError, match=f"{step_folder_name(2)}/model.safetensors: 7 bytes"):
         manager.load_checkpoint(torn)
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         CheckpointManager(tmp_path, mode="best")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acceltrain import BaseHook, GuardError, GuardHook
-from tests.helpers import ToyTrainer, params
+from tests.helpers import LATEST, ToyTrainer, ckpt_root, params, step_dir, step_folder_name
 
 
 class SpikeAt(ToyTrainer):
@@ -125,9 +125,9 @@ def test_rollback_retires_checkpoints_of_the_abandoned_steps(tmp_path):
     ckpt = CheckpointingHook(interval=1, keep_previous=1, exit_signals=[])
     t = SpikeAt({9}, max_steps=12, device="cpu", workspace=tmp_path, hooks=[guard, ckpt])
     t.train()
-    root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_latest", "checkpoint_step_12"]
+    root = ckpt_root(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == sorted([LATEST, step_folder_name(12)])
     from safetensors.torch import load_file
 
-    saved = load_file(root / "checkpoint_step_12" / "model.safetensors")
+    saved = load_file(step_dir(root, 12) / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in t.unwrapped_model.state_dict().items())

@@ -16,7 +16,7 @@ from acceltrain import (
     LoggingHook,
     ProgressHook,
 )
-from tests.helpers import ToyTrainer, params
+from tests.helpers import LATEST, ToyTrainer, ckpt_root, link_step, params, step_folder_name
 
 
 def test_logging_hook_writes_jsonl_and_tensorboard_events(tmp_path):
@@ -126,12 +126,12 @@ def test_checkpointing_hook_saves_at_interval_and_resumes(tmp_path):
     full.train()
     hook = CheckpointingHook(interval=2, keep_previous=10, exit_signals=[])
     ToyTrainer(max_steps=4, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook]).train()
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["checkpoint_latest", "checkpoint_step_2", "checkpoint_step_4"]
-    assert (tmp_path / "checkpoints" / "checkpoint_latest").resolve().name == "checkpoint_step_4"
+    names = sorted(p.name for p in ckpt_root(tmp_path).iterdir())
+    assert names == sorted([LATEST, step_folder_name(2), step_folder_name(4)])
+    assert link_step(ckpt_root(tmp_path)) == 4
     hook2 = CheckpointingHook(interval=2, keep_previous=10, exit_signals=[])
     resumed = ToyTrainer(max_steps=6, optimizer="adamw", device="cpu", workspace=tmp_path, hooks=[hook2])
     resumed.train()
-    assert hook2.loaded_from.name == "checkpoint_step_4" and resumed.step == 6
+    assert hook2.loaded_from.name == step_folder_name(4) and resumed.step == 6
     # Without the data position (checkpoint issue) the batches differ, but the step and state continue.
     assert resumed.optimizer.state_dict()["state"][0]["step"].item() == 6

@@ -15,7 +15,7 @@ from acceltrain.config import ConfigError, UserError
 from acceltrain.recipe_kit import TrainingConfig, configure_output
 from acceltrain.trackers import TRACKERS, parse_report_to
 from tests.conftest import ROOT
-from tests.helpers import ToyTrainer
+from tests.helpers import ToyTrainer, run_step_dir
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +156,7 @@ def test_tracker_identity_is_checkpointed_and_replayed_steps_are_logged_once(tmp
         t.train()
     import torch
 
-    saved = torch.load(ws / "checkpoints" / "checkpoint_step_4" / "rank_state_0.pt", weights_only=True)
+    saved = torch.load(run_step_dir(ws, 4) / "rank_state_0.pt", weights_only=True)
     assert saved["hooks"]["LoggingHook"]["trackers"] == {"tensorboard": {"log_dir": str(ws / "tensorboard")}}
     with open(ws / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a line torn by a kill

@@ -12,7 +12,7 @@ from acceltrain import BaseHook, CheckpointingHook
 from acceltrain.hooks.early_stopping import EarlyStoppingHook
 from acceltrain.one_call import Trainer, TrainerConfig, make_config, train_model
 from acceltrain.schedules import Schedule
-from tests.helpers import regression_data
+from tests.helpers import regression_data, run_step_dir
 
 
 class Losses(BaseHook):
@@ -137,7 +137,7 @@ def test_eval_runs_every_epoch_and_early_stopping_and_checkpoints_are_wired(tmp_
     assert [step for step, _ in evaluation.history] == [8, 16]
     assert any(isinstance(h, EarlyStoppingHook) for h in trainer.hooks)
     assert any(isinstance(h, CheckpointingHook) for h in trainer.hooks)
-    assert (tmp_path / "checkpoints" / "checkpoint_step_16" / "manifest.json").is_file()
+    assert (run_step_dir(tmp_path, 16) / "manifest.json").is_file()
 
 
 def test_seed_aliases_map_to_the_config():

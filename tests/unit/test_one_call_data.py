@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from acceltrain import train_model
+from tests.helpers import BEST, ckpt_root
 
 
 def _gpt2(vocab: int = 96):
@@ -39,7 +40,7 @@ def test_dataset_form_returns_the_results_dict_and_hf_folders(tmp_path, notes):
     windows = n_tokens // 32
     train_windows = windows - round(windows * 0.2)
     assert trainer.step == 2 * math.ceil(train_windows / 4) and trainer.device.type == "cpu"
-    assert Path(results["best_model_path"]) == (out / "checkpoints/checkpoint_best").resolve()
+    assert Path(results["best_model_path"]) == (ckpt_root(out) / BEST).resolve()
     assert set(results["final_metrics"]) == {"loss"}
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
@@ -69,7 +70,7 @@ def test_resume_from_checkpoint(tmp_path, notes):
 def test_bad_input_is_named(tmp_path, notes, kwargs, message):
     with pytest.raises(ValueError, match=message):
         train_model(model=_gpt2(), dataset=str(notes), max_epochs=1, output_dir=tmp_path / "o", **kwargs)
-    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert not ckpt_root(tmp_path / "o").exists()
 
 
 def test_without_data_or_loader():
