@@ -28,7 +28,7 @@ import torch
 from acceltrain import (
     format_params,
 )
-from acceltrain.config import ConfigError, UserError, exit_on_user_error, parse_config
+from acceltrain.config import ConfigError, UserError
 from acceltrain.data import load_texts, load_tokenizer, pack_texts, texts_fingerprint, train_val_split
 from acceltrain.data.labels import load_columns
 from acceltrain.data.packing import PackedTokens
@@ -48,12 +48,10 @@ from acceltrain.recipe_kit import (
     cache_root,
     check_eval_source,
     enable_gradient_checkpointing,
-    model_card,
-    quiet_progress_bars,
     resolve_model,
+    run_recipe,
     split_indices,
     trainable_summary,
-    write_run_config,
 )
 
 DEFAULT_MODEL = "runs/pretrain/final"
@@ -257,33 +255,21 @@ ids = tok({self.sample_prompt!r}, return_tensors="pt")
 print(tok.decode(model.generate(**ids, max_new_tokens=48)[0]))"""
         title = f"acceltrain causal_lm: {'LoRA adapter' if cfg.lora_r else 'fine-tuned model'}"
         summary = "A causal language model fine-tuned with `recipes/causal_lm.py`."
-        self.save_pretrained(final, tokenizer=self.tokenizer, model_card=model_card(
-            title=title, summary=summary, facts=facts, usage=usage, library_name="peft" if cfg.lora_r else "transformers",
-            base_model=self.source if cfg.lora_r else None))
+        self.export(title=title, summary=summary, facts=facts, usage=usage,
+                    adapter_of=self.source if cfg.lora_r else None)
         if cfg.merge_lora:
             merged = self.workspace / "merged"
             usage = usage.replace(load, f'AutoModelForCausalLM.from_pretrained("{merged}")').replace(str(final), str(merged))
-            self.save_pretrained(merged, tokenizer=self.tokenizer, merge_lora=True, model_card=model_card(
-                title="acceltrain causal_lm: LoRA merged into the base", summary=summary, facts=facts,
-                usage=usage.replace("\nfrom peft import PeftModel", "")))
+            self.export("merged", merge_lora=True, title="acceltrain causal_lm: LoRA merged into the base",
+                        summary=summary, facts=facts, usage=usage.replace("\nfrom peft import PeftModel", ""))
         if self.is_main_process:
             print(f"Saved {final}{' and ' + str(self.workspace / 'merged') if cfg.merge_lora else ''} "
                   f"(evaluation loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f})")
         return final
 
 
-@exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(CausalLMConfig, argv, prog="recipes/causal_lm.py")
-    cfg.validate()
-    quiet_progress_bars()
-    trainer = CausalLMTrainer(cfg)
-    if trainer.is_main_process:
-        write_run_config(trainer.workspace, cfg)
-    trainer.train()
-    final = trainer.finish()
-    trainer.close()
-    return final
+    return run_recipe(CausalLMConfig, CausalLMTrainer, argv, prog="recipes/causal_lm.py")
 
 
 RECIPE = (CausalLMConfig, CausalLMTrainer)  # for `acceltrain lr-find --config`

@@ -27,7 +27,7 @@ from acceltrain import (
     format_params,
 )
 from acceltrain.checkpoint_names import BEST, CHECKPOINTS_SUBDIR, checkpoint_step
-from acceltrain.config import ConfigError, UserError, exit_on_user_error, parse_config
+from acceltrain.config import ConfigError, UserError
 from acceltrain.data import load_tokenizer, texts_fingerprint, train_bpe_tokenizer
 from acceltrain.data.labels import LabelSpace, classification_metrics, load_labelled, stdlib_family_task
 from acceltrain.data.sft import PadCollator
@@ -41,12 +41,10 @@ from acceltrain.recipe_kit import (
     enable_gradient_checkpointing,
     gather_eval_outputs,
     load_checkpoint_weights,
-    model_card,
-    quiet_progress_bars,
     resolve_model,
+    run_recipe,
     split_indices,
     trainable_summary,
-    write_run_config,
 )
 
 CLS = "<|cls|>"
@@ -266,29 +264,18 @@ tok = AutoTokenizer.from_pretrained("{final}")
 model = {load}.eval()
 with torch.no_grad():
     print(model(**tok(["some text"], return_tensors="pt")).logits)"""
-        self.save_pretrained(final, tokenizer=self.tokenizer, merge_lora=False, model_card=model_card(
-            title=f"acceltrain classify: {cfg.problem_type}", summary="A sequence classifier trained with `recipes/classify.py`.",
-            facts=facts, usage=usage, library_name="peft" if cfg.lora_r else "transformers",
-            base_model=self.source if cfg.lora_r else None))
+        self.export(title=f"acceltrain classify: {cfg.problem_type}",
+                    summary="A sequence classifier trained with `recipes/classify.py`.", facts=facts, usage=usage,
+                    adapter_of=self.source if cfg.lora_r else None)
         if cfg.merge_lora:
-            self.save_pretrained(self.workspace / "merged", tokenizer=self.tokenizer, merge_lora=True)
+            self.export("merged", merge_lora=True)
         if self.is_main_process:
             print(f"Saved {final} from step {step}: {shown}")
         return final
 
 
-@exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(ClassifyConfig, argv, prog="recipes/classify.py")
-    cfg.validate()
-    quiet_progress_bars()
-    trainer = ClassifyTrainer(cfg)
-    if trainer.is_main_process:
-        write_run_config(trainer.workspace, cfg)
-    trainer.train()
-    final = trainer.finish()
-    trainer.close()
-    return final
+    return run_recipe(ClassifyConfig, ClassifyTrainer, argv, prog="recipes/classify.py")
 
 
 RECIPE = (ClassifyConfig, ClassifyTrainer)  # for `acceltrain lr-find --config`

@@ -30,7 +30,7 @@ from acceltrain import (
     format_params,
     seed_everything,
 )
-from acceltrain.config import ConfigError, exit_on_user_error, parse_config
+from acceltrain.config import ConfigError
 from acceltrain.data import STDLIB_SOURCE, DataError, load_tokenizer, train_bpe_tokenizer
 from acceltrain.data.mixture import build_mixture
 from acceltrain.data.shards import ShardedCorpus, default_workers, ingest
@@ -44,23 +44,26 @@ from acceltrain.models import (
     flops_per_token,
     preset,
 )
-from acceltrain.recipe_kit import (
-    RecipeTrainer,
-    TrackingFields,
-    cache_root,
-    choose_precision,
-    model_card,
-    write_run_config,
-)
+from acceltrain.recipe_kit import RecipeTrainer, TrainingConfig, cache_root, run_recipe
 
 _MIN_BPE_VOCAB = 256 + 2  # a byte-level BPE: every byte value, then EOS and padding
 
 
 @dataclass
-class PretrainConfig(TrackingFields):
+class PretrainConfig(TrainingConfig):
     """Pretrain a Transformer language model from scratch."""
 
+    # TrainingConfig's fields, with this recipe's defaults.
     output_dir: str = field(default="runs/pretrain", metadata={"help": "Run folder: checkpoints, logs, final/"})
+    batch_size: int = field(default=16, metadata={"help": "Windows per micro-batch per process"})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps"})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (also --learning_rate)"})
+    warmup_steps: int = field(default=30, metadata={"help": "Linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
+    eval_interval: int = field(default=100, metadata={"help": "Steps between evaluations (and at the end)"})
+    save_interval: int = field(default=100, metadata={"help": "Steps between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "Seed for weights, data order and dropout"})
+    # This recipe's own.
     dataset: str | None = field(default=None, metadata={
         "help": "A local .txt/.jsonl/.json/.csv/.parquet file (also .gz/.zst), folder or glob, or a Hub dataset "
                 "(streamed); a weighted mixture as 'code/:0.7,prose.jsonl:0.3' (in YAML also a list of "
@@ -89,40 +92,16 @@ class PretrainConfig(TrackingFields):
         "help": "MLP activation; unset: swiglu (llama) or gelu_new (gpt2); see acceltrain.models.ACTIVATIONS"})
     dropout: float = field(default=0.0, metadata={"help": "Dropout (gpt2: residual/embedding; llama: attention)"})
     seq_len: int = field(default=128, metadata={"help": "Training window in tokens"})
-    batch_size: int = field(default=16, metadata={"help": "Windows per micro-batch per process"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step"})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps"})
-    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak (cosine floor)"})
-    warmup_steps: int = field(default=30, metadata={"help": "Linear warmup steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip"})
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata={
-        "help": "auto: bf16 on GPUs that support it, fp32 on CPU"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each transformer block (regional compilation)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward"})
-    eval_interval: int = field(default=100, metadata={"help": "Steps between evaluations (and at the end)"})
-    log_interval: int = field(default=10, metadata={"help": "Steps between progress lines and log records"})
-    save_interval: int = field(default=100, metadata={"help": "Steps between checkpoints"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints to keep"})
     val_fraction: float = field(default=0.02, metadata={"help": "Share of the token stream held out (its end)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    seed: int = field(default=0, metadata={"help": "Seed for weights, data order and dropout"})
-    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its latest checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "Delete an earlier run's checkpoints in output_dir first"})
-    allow_global_batch_change: bool = field(default=False, metadata={
-        "help": "Resuming on another number of processes: continue even when no accumulation keeps the "
-                "samples per step (default: refuse)"})
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt for the sample printed at the end"})
     sample_tokens: int = field(default=64, metadata={"help": "Tokens to generate for the sample (0: none)"})
 
     def validate(self) -> None:
-        positive = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps",
-                    "eval_interval", "log_interval", "save_interval", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "sample_tokens", "max_corpus_bytes"):
+        if self.seq_len < 1:
+            raise ConfigError(f"seq_len must be >= 1, got {self.seq_len}")
+        self.validate_training()  # the counts, lr and min_lr_ratio, warmup_steps and num_workers
+        for name in ("sample_tokens", "max_corpus_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("tokenize_workers", "tokenizer_sample_bytes"):
@@ -135,8 +114,6 @@ class PretrainConfig(TrackingFields):
         if self.tokenizer is None and self.vocab_size < _MIN_BPE_VOCAB:
             raise ConfigError(f"vocab_size must be >= {_MIN_BPE_VOCAB} (256 byte tokens + EOS and padding), "
                               f"got {self.vocab_size}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.grad_clip <= 0 or self.weight_decay < 0:
             raise ConfigError(f"grad_clip must be > 0 and weight_decay >= 0, got {self.grad_clip} and {self.weight_decay}")
         if not 0 <= self.dropout < 1:
@@ -165,12 +142,7 @@ class PretrainConfig(TrackingFields):
 
 class PretrainTrainer(RecipeTrainer):
     def __init__(self, cfg: PretrainConfig):
-        super().__init__(
-            cfg, max_steps=cfg.max_steps, grad_clip=cfg.grad_clip, max_non_finite_grad_retries=3,
-            mixed_precision=choose_precision(cfg.mixed_precision),
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, workspace=cfg.output_dir,
-            data_seed=cfg.seed,
-        )
+        super().__init__(cfg, **cfg.trainer_kwargs())
         acc = self.accelerator
         seed_everything(cfg.seed)
         # Tokenizer training and packing happen once, on the main process; the others then
@@ -192,7 +164,7 @@ class PretrainTrainer(RecipeTrainer):
         try:
             keys = [source.key() for source in sources]
             if cfg.tokenizer:
-                tokenizer = load_tokenizer(cfg.tokenizer)
+                tokenizer = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
             else:
                 # Keyed by the sources' content and the budget, so a cache hit reads no text at all.
                 blob = json.dumps({"sources": keys, "weights": [s.weight for s in specs],
@@ -283,15 +255,14 @@ class PretrainTrainer(RecipeTrainer):
             "final validation loss": f"{metrics['loss']:.4f}",
             "final validation perplexity": f"{metrics['perplexity']:.2f}",
         }
-        card = model_card(title=f"acceltrain pretrain: {cfg.model_size} {cfg.arch}",
-                          summary="A causal language model trained from scratch with `recipes/pretrain.py`.",
-                          facts=facts, usage=f"""
+        self.export(title=f"acceltrain pretrain: {cfg.model_size} {cfg.arch}",
+                    summary="A causal language model trained from scratch with `recipes/pretrain.py`.",
+                    facts=facts, usage=f"""
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{final}")
 model = AutoModelForCausalLM.from_pretrained("{final}")
 ids = tok({cfg.sample_prompt!r}, return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=True, top_k=40)[0]))""")
-        self.save_pretrained(final, tokenizer=self.tokenizer, model_card=card)
         if self.is_main_process:
             _write_generation_config(final, self.tokenizer)
             print(f"Saved {final} (validation loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f})")
@@ -352,28 +323,24 @@ def _sample(folder: Path, prompt: str, tokens: int, seed: int) -> str:
 RECIPE = (PretrainConfig, PretrainTrainer)  # for `acceltrain lr-find --config`
 
 
-@exit_on_user_error
+def _announce(trainer: PretrainTrainer) -> None:
+    """The summary line (main process): model size, tokenizer, corpus, windows, mixture shares."""
+    cfg = trainer.cfg
+    cached = lambda hit: " (cached)" if hit else ""  # noqa: E731
+    print(f"pretrain: {cfg.model_size} {cfg.arch}, {format_params(count_parameters(build_model_meta(trainer)))} "
+          f"parameters; tokenizer {len(trainer.tokenizer)} tokens"
+          f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
+          f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
+          f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out"
+          f"{f' (from {cfg.eval_dataset})' if cfg.eval_dataset else ''}")
+    if len(trainer.train_set.names) > 1:
+        print("mixture (realised share of the training windows): " + ", ".join(
+            f"{name} {share:.3f}" for name, share in zip(trainer.train_set.names, trainer.train_set.proportions(),
+                                                         strict=True)))
+
+
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(PretrainConfig, argv, prog="recipes/pretrain.py")
-    cfg.validate()
-    trainer = PretrainTrainer(cfg)
-    if trainer.is_main_process:
-        cached = lambda hit: " (cached)" if hit else ""  # noqa: E731
-        print(f"pretrain: {cfg.model_size} {cfg.arch}, {format_params(count_parameters(build_model_meta(trainer)))} "
-              f"parameters; tokenizer {len(trainer.tokenizer)} tokens"
-              f"{cached(getattr(trainer.tokenizer, 'acceltrain_cache_hit', False))}; "
-              f"{trainer.corpus.num_tokens:,} tokens packed{cached(trainer.corpus.from_cache)}; "
-              f"{len(trainer.train_set):,} training windows of {cfg.seq_len}, {len(trainer.val_set):,} held out"
-              f"{f' (from {cfg.eval_dataset})' if cfg.eval_dataset else ''}")
-        if len(trainer.train_set.names) > 1:
-            print("mixture (realised share of the training windows): " + ", ".join(
-                f"{name} {share:.3f}" for name, share in zip(trainer.train_set.names, trainer.train_set.proportions(),
-                                                             strict=True)))
-        write_run_config(trainer.workspace, cfg)
-    trainer.train()
-    final = trainer.finish()
-    trainer.close()
-    return final
+    return run_recipe(PretrainConfig, PretrainTrainer, argv, prog="recipes/pretrain.py", announce=_announce)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,57 @@ def test_overwrite_removes_only_the_run_outputs(tmp_path):
 def test_resume_and_overwrite_together_is_an_error(tmp_path):
     with pytest.raises(UserError, match="contradict"):
         guard_output_dir(tmp_path, resume=True, overwrite=True, is_main=True)
+
+
+def _recipe(name: str):
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe_unit", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_config_is_a_training_config_with_its_own_defaults():
+    from acceltrain.recipe_kit import TrainingConfig
+
+    cfg = _recipe("pretrain").PretrainConfig()
+    assert isinstance(cfg, TrainingConfig)
+    assert (cfg.output_dir, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.eval_interval,
+            cfg.save_interval, cfg.batch_size, cfg.min_lr_ratio, cfg.grad_clip, cfg.keep_checkpoints) == (
+        "runs/pretrain", 300, 3e-3, 30, 0.1, 100, 100, 16, 0.1, 1.0, 2)
+    assert cfg.trainer_kwargs()["workspace"] == "runs/pretrain"  # output_dir is the trainer's workspace
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seq_len", 0, "seq_len must be >= 1, got 0"), ("keep_checkpoints", 0, "keep_checkpoints must be >= 1, got 0"),
+    ("num_workers", -1, "num_workers must be >= 0, got -1"), ("warmup_steps", -2, "warmup_steps must be >= 0, got -2"),
+    ("sample_tokens", -1, "sample_tokens must be >= 0, got -1"),
+    ("lr", 0.0, "lr must be > 0 and min_lr_ratio in [0, 1], got 0.0 and 0.1"),
+    ("grad_clip", 0.0, "grad_clip must be > 0 and weight_decay >= 0, got 0.0 and 0.1"),
+])
+def test_pretrain_config_checks_inherited_and_own_fields(field, value, message):
+    from acceltrain.config import ConfigError
+
+    cfg = _recipe("pretrain").PretrainConfig(**{field: value})
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert str(e.value) == message
+
+
+def test_every_recipe_main_is_run_recipe(monkeypatch):
+    import acceltrain.recipe.trainer as recipe_trainer
+
+    calls = []
+    for name in ("pretrain", "causal_lm", "classify"):
+        module = _recipe(name)
+        monkeypatch.setattr(module, "run_recipe", lambda *a, **kw: calls.append((a, kw)) or "done")
+        assert module.main(["--x"]) == "done"
+        (config_class, trainer_class, argv), kw = calls[-1]
+        assert (config_class, trainer_class) == module.RECIPE and argv == ["--x"]
+        assert kw["prog"] == f"recipes/{name}.py"
+    assert recipe_trainer.run_recipe.__module__ == "acceltrain.recipe.trainer"

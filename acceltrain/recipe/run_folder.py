@@ -1,0 +1,121 @@
+"""The run folder of a recipe (``output_dir``, the trainer's ``workspace``): one run per folder,
+resume checks before anything is written, the resolved config, and the shared cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint, list_checkpoints
+from ..checkpoint_deepspeed import refuse_resize
+from ..checkpoint_names import CHECKPOINTS_SUBDIR
+from ..config import UserError
+from ..elastic import plan_resize
+
+__all__ = ["cache_root", "guard_output_dir", "check_resume", "write_run_config"]
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where tokenizers and packed corpora are cached: ``cache_dir``, ``$ACCELTRAIN_CACHE``,
+    ``$XDG_CACHE_HOME/acceltrain`` or ``~/.cache/acceltrain`` (shared by runs, so a second run
+    with the same data and tokenizer settings does no tokenization)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("ACCELTRAIN_CACHE"):
+        return Path(os.environ["ACCELTRAIN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "acceltrain"
+
+
+def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool,
+                     verify: bool = True) -> bool:
+    """Refuse to mix runs in one folder; returns whether there is a checkpoint to resume from.
+
+    A folder holding checkpoints, logs or an export of an earlier run needs ``resume``
+    (continue it; without a checkpoint it starts again, appending to its logs) or ``overwrite``
+    (delete that run's checkpoints, logs and export first). Without either the run stops with a
+    one-line error before anything is written.
+
+    With ``resume`` (and ``verify``), checkpoints of which none checks out are an error, not a
+    fresh start (:func:`check_resume`, which recipes call themselves with ``verify=False``).
+    """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    found = list_checkpoints(output_dir / CHECKPOINTS_SUBDIR)
+    outputs = [name for name in _RUN_OUTPUTS if (output_dir / name).exists()]
+    if not found and not outputs:
+        return False
+    if resume:
+        if found and verify:
+            check_resume(output_dir / CHECKPOINTS_SUBDIR, is_main=is_main)
+        return bool(found)
+    if not overwrite:
+        what = f"checkpoints of an earlier run (up to {found[-1].name})" if found else \
+            f"an earlier run's {', '.join(outputs)}"
+        raise UserError(f"{output_dir}: holds {what}; pass --resume true to continue it or --overwrite true "
+                        "to start over")
+    if is_main:
+        for name in (CHECKPOINTS_SUBDIR, *_RUN_OUTPUTS):
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    return False
+
+
+def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> Any:
+    """Check before anything is written that ``--resume`` can be honoured; every rank must call it.
+
+    Checkpoints of which none checks out are an error on every rank (exit 2), never a silent
+    fresh start. With ``resize`` (``world``, ``micro_batch``, ``accumulation``,
+    ``allow_global_batch_change``), the newest checkpoint must also continue on this number of
+    processes (:func:`acceltrain.elastic.plan_resize`; DeepSpeed ones only on their own), so a
+    refusal leaves the run folder untouched.
+
+    Returns:
+        The :class:`~acceltrain.elastic.ResizePlan` (the same on every rank), or None for the same
+        world size or no checkpoint.
+    """
+    problem = plan = None
+    if is_main:  # one rank reads the files; the others hear the verdict
+        try:
+            folder = find_latest_checkpoint(root, clean=False, required="--resume true")
+            if folder is not None and resize is not None:
+                manifest = json.loads((folder / MANIFEST).read_text())
+                if manifest.get("deepspeed") and manifest["world_size"] != resize["world"]:
+                    refuse_resize(folder, manifest, resize["world"])
+                plan = plan_resize(manifest, folder=folder, **resize)
+        except CheckpointError as e:
+            problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \
+                if "can be resumed from" in str(e) else str(e)
+        except UserError as e:
+            problem = str(e)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem, plan]
+        broadcast_object_list(box, from_process=0)
+        problem, plan = box
+    if problem is not None:
+        raise UserError(problem)
+    return plan
+
+
+# What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).
+_RUN_OUTPUTS = ("final", "merged", "tensorboard", "metrics.jsonl")
+
+
+def write_run_config(workspace: Path, cfg: Any) -> None:
+    """Write the resolved config as ``workspace/config.yaml`` (call on the main process)."""
+    import yaml
+
+    from ..config import config_to_dict
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
