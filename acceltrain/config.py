@@ -97,8 +97,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
     """
     from transformers import HfArgumentParser  # here: `import acceltrain` stays free of transformers
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0])
+    aliases: dict[str, str] = dict(getattr(cls, "config_aliases", None) or {})
+    argv = _canonical_flags(list(sys.argv[1:] if argv is None else argv), aliases)
+    epilog = ("Also accepted: " + ", ".join(f"--{a} for --{c}" for a, c in aliases.items()) + ".") if aliases else None
+    parser = HfArgumentParser(cls, prog=prog, description=(cls.__doc__ or "").strip().split("\n")[0], epilog=epilog)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file of field: value pairs; command-line flags override it")
     known, _ = parser.parse_known_args(argv)
@@ -111,6 +113,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
         for key, value in values.items():
             if key in extra_keys:
                 continue
+            if key in aliases:
+                if aliases[key] in values:
+                    raise ConfigError(f"{path}: {key} and {aliases[key]} are one setting ({aliases[key]}); give one")
+                key = aliases[key]
             if key not in fields:
                 close = [f for f in fields if f.split("_")[0] == str(key).split("_")[0]]
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
@@ -119,6 +125,25 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str |
         parser.set_defaults(**defaults)
     cfg, _ = _parse(parser, argv)
     return cfg
+
+
+def _canonical_flags(argv: list[str], aliases: dict[str, str]) -> list[str]:
+    """``argv`` with each alias flag (``--learning_rate 0.1``, ``--learning_rate=0.1``) spelled as its
+    field; a field given under two spellings is a ConfigError naming both."""
+    if not aliases:
+        return argv
+    seen: dict[str, str] = {}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name is not None and (name in aliases or name in aliases.values()):
+            field = aliases.get(name, name)
+            if seen.setdefault(field, name) != name:
+                raise ConfigError(f"--{seen[field]} and --{name} are one setting ({field}); give one")
+            arg = f"--{field}{eq}{value}"
+        out.append(arg)
+    return out
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[Any, list[str]]:

@@ -7,6 +7,8 @@ import difflib
 from collections.abc import Mapping
 from typing import Any
 
+from .checkpoint_names import BEST
+
 __all__ = ["TrainerConfig", "is_config_key", "make_config"]
 
 
@@ -18,7 +20,13 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclasses.dataclass
 class TrainerConfig:
-    """Settings of a one-call run; a dict with these keys (or the seeds' aliases) works too."""
+    """Settings of a one-call run; a dict with these keys (or the seeds' aliases) works too.
+
+    The field names are canonical (Hugging Face ``TrainingArguments``' ``learning_rate`` and
+    ``max_grad_norm``); the recipes' and ``BaseTrainer``'s ``lr`` and ``grad_clip`` are accepted
+    for them, and two keys for one setting are an error naming both. ``output_dir`` is the
+    trainer's ``workspace`` (also accepted under that name).
+    """
 
     max_steps: int | None = _f(None, "Optimizer updates to train for (or give epochs)")
     epochs: float | None = _f(None, "Passes over train_dataloader, turned into max_steps (or give max_steps)")
@@ -37,7 +45,7 @@ class TrainerConfig:
     eval_interval: int | None = _f(None, "Updates between evaluations (default: every epoch with epochs, else at the end)")
     save_interval: int | None = _f(None, "Updates between checkpoints (default: only at the end)")
     keep_checkpoints: int = _f(2, "Newest checkpoints kept")
-    keep_best: int | None = _f(None, "Also keep the N checkpoints with the best eval/loss (checkpoint_best); needs eval data")
+    keep_best: int | None = _f(None, f"Also keep the N checkpoints with the best eval/loss ({BEST}); needs eval data")
     resume_from_checkpoint: str | None = _f(None, "Load this checkpoint folder first (default: the output_dir's latest)")
     early_stopping_patience: int | None = _f(None, "Stop after this many evaluations without a better eval/loss")
     early_stopping_min_delta: float = _f(0.0, "Improvement needed to reset the patience")
@@ -67,6 +75,7 @@ def is_config_key(key: str) -> bool:
 def _canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     """The seeds' names and encodings -> TrainerConfig fields (``_min_lr`` waits for the LR)."""
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # field -> the key that set it
     for key, value in values.items():
         name = key if key in _FIELDS else _ALIASES.get(key)
         if key in _SCHEDULE_KEYS:
@@ -86,7 +95,8 @@ def _canonical(values: Mapping[str, Any]) -> dict[str, Any]:
             close = difflib.get_close_matches(key, [*_FIELDS, *_ALIASES, *_SPECIAL], n=1)
             raise ValueError(f"config: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if name in out and name != "scheduler_kwargs":
-            raise ValueError(f"config: {key!r} sets {name}, which another key already sets")
+            raise ValueError(f"config: {key!r} sets {name}, which {given[name]!r} already sets; give one")
+        given[name] = key
         out[name] = {**out.get(name, {}), **value} if name == "scheduler_kwargs" else value
     return out
 

@@ -78,3 +78,53 @@ def test_exit_on_user_error_prints_one_line_and_exits_2(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "missing.yaml" in err
+
+
+# ---------------------------------------------------------------------------- one setting, two spellings
+@pytest.mark.parametrize("alias, field_name, value", [("learning_rate", "lr", 0.025), ("max_grad_norm", "grad_clip", 0.5)])
+def test_recipe_fields_take_the_one_call_spelling_too(tmp_path, alias, field_name, value):
+    from acceltrain.recipe_kit import TrainingConfig
+
+    canonical = parse_config(TrainingConfig, [f"--{field_name}", str(value)])
+    assert getattr(canonical, field_name) == value != getattr(TrainingConfig(), field_name)
+    assert parse_config(TrainingConfig, [f"--{alias}", str(value)]) == canonical
+    assert parse_config(TrainingConfig, [f"--{alias}={value}"]) == canonical
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{alias}: {value}\n")
+    assert parse_config(TrainingConfig, ["--config", str(config)]) == canonical
+
+
+def test_both_spellings_of_one_setting_are_an_error_naming_them(tmp_path):
+    from acceltrain.recipe_kit import TrainingConfig
+
+    with pytest.raises(ConfigError, match=r"^--lr and --learning_rate are one setting \(lr\); give one$"):
+        parse_config(TrainingConfig, ["--lr", "0.1", "--learning_rate", "0.2"])
+    with pytest.raises(ConfigError, match=r"^--max_grad_norm and --grad_clip are one setting \(grad_clip\)"):
+        parse_config(TrainingConfig, ["--max_grad_norm=2", "--grad_clip", "1"])
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: learning_rate and lr are one setting \(lr\); give one"):
+        parse_config(TrainingConfig, ["--config", str(config)])
+    # A flag overriding the file's other spelling is the usual precedence, not a conflict.
+    config.write_text("learning_rate: 0.2\n")
+    assert parse_config(TrainingConfig, ["--config", str(config), "--lr", "0.3"]).lr == 0.3
+
+
+def test_help_names_the_other_spellings(capsys):
+    from acceltrain.recipe_kit import TrainingConfig
+
+    with pytest.raises(SystemExit):
+        parse_config(TrainingConfig, ["--help"])
+    assert "Also accepted: --learning_rate for --lr, --max_grad_norm for --grad_clip." in capsys.readouterr().out
+
+
+def test_one_call_config_takes_the_recipe_spelling_too():
+    from acceltrain.one_call_config import make_config
+
+    assert make_config({"max_steps": 1, "lr": 0.02, "grad_clip": 0.5}) == make_config(
+        {"max_steps": 1, "learning_rate": 0.02, "max_grad_norm": 0.5})
+    assert make_config(max_steps=1, lr=0.02).learning_rate == 0.02
+    with pytest.raises(ValueError, match=r"^config: 'learning_rate' sets learning_rate, which 'lr' already sets; give one$"):
+        make_config({"max_steps": 1, "lr": 0.02, "learning_rate": 0.03})
+    with pytest.raises(ValueError, match=r"^config: 'max_grad_norm' sets max_grad_norm, which 'grad_clip' already sets; give one$"):
+        make_config({"max_steps": 1, "grad_clip": 1.0, "max_grad_norm": 2.0})
