@@ -105,7 +105,9 @@ def run_inprocess(module, argv: list[str], trainer_class=None) -> Path:
     GradientState._reset_state()
     if trainer_class is None:
         return module.main(argv)
-    cfg = module.parse_config(module.CausalLMConfig, argv)
+    from acceltrain.config import parse_config
+
+    cfg = parse_config(module.CausalLMConfig, argv)
     cfg.validate()
     trainer = trainer_class(cfg)
     trainer.train()

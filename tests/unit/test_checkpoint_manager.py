@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,7 @@ import torch.nn as nn
 from acceltrain.checkpoint import CheckpointError
 from acceltrain.checkpoint_manager import CheckpointManager
 from acceltrain.one_call import Trainer
-from tests.helpers import ckpt_root, regression_data, run_step_dir, step_folder_name
+from tests.helpers import ckpt_root, parse_step, regression_data, run_step_dir, step_folder_name
 
 
 def _run(tmp_path):
@@ -27,9 +29,9 @@ def test_rank_load_and_clean(tmp_path):
     trainer = _run(tmp_path)
     evals = {step: m["loss"] for step, m in next(h for h in trainer.hooks if hasattr(h, "history")).history}
     manager = CheckpointManager(ckpt_root(tmp_path), monitor="val_loss", mode="min")
-    steps = [int(p.rsplit("_", 1)[1]) for p in manager.list_checkpoints()]
+    steps = [parse_step(Path(p).name) for p in manager.list_checkpoints()]
     assert steps == [1, 2, 3, 4]
-    by_metric = [int(p.rsplit("_", 1)[1]) for p in manager.list_checkpoints(sort_by="metric")]
+    by_metric = [parse_step(Path(p).name) for p in manager.list_checkpoints(sort_by="metric")]
     assert by_metric == sorted(evals, key=lambda s: evals[s])
     best = manager.get_best_checkpoint_path()
     assert best.endswith(step_folder_name(by_metric[0]))

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from acceltrain import BaseTrainer, LoggingHook, NonFiniteError, ProgressHook
-from tests.helpers import Recorder, ToyTrainer, params
+from tests.helpers import Recorder, ToyTrainer, params, step_dir
 
 
 # ----------------------------------------------------------------------------- the seed's Quick Tour
@@ -430,4 +430,4 @@ def test_the_seeds_integration_example_runs(tmp_path):
     trainer = IntegrationTrainer(config["data"], config["model"], config["optimizer"], **config["trainer"])
     trainer.train()
     assert trainer.step == 30 and trainer.step_info["records"]["accuracy"] > 0.5
-    assert (tmp_path / "experiment_1" / "checkpoints" / "checkpoint_step_30" / "manifest.json").is_file()
+    assert (step_dir(tmp_path / "experiment_1" / "checkpoints", 30) / "manifest.json").is_file()
