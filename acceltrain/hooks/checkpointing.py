@@ -24,6 +24,7 @@ from ..checkpoint import (
     verify_checkpoint,
 )
 from ..utils import flatten_dict, in_workspace, to_float
+from ..watchdog import launcher_gone
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -246,6 +247,7 @@ class CheckpointingHook(BaseHook):
                 # Only set flags here: the step loop saves at the next step boundary.
                 if self._signal is None:
                     self._signal = _signum
+                    launcher_gone()  # a SIGTERM from the launcher watchdog says why, once
                 trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
 
             self._previous_handlers[signum] = signal.signal(signum, handler)
