@@ -39,7 +39,7 @@ from ..data.tokenizer_check import detect_strategy, tokenizer_for, validate_toke
 from ..export_formats import export_onnx, export_torchscript
 from ..one_call import train_model as _train_model
 from ..presets import PRESETS, ConfigPresets, TrainingPreset
-from .tb_checks import run_all_tests, run_all_tier1_tests, run_all_tier2_tests
+from .tb_checks import run_all_tests, run_all_tier1_tests, run_all_tier2_tests, run_all_tier3_tests
 from .tb_parts import (
     AdaptiveTokenizerDataModule,
     ComputationalGraphExecutor,
@@ -53,7 +53,7 @@ __all__ = [
     "FastBPETrainer", "BPETrainerConfig", "CharacterLevelTokenizer", "TokenizerValidator",
     "AdaptiveTokenizerDataModule", "train_model", "TrainingCoordinator", "DatasetLoader", "CheckpointManager",
     "ONNXExporter", "TorchScriptExporter", "ModelCardGenerator", "SetupWizard", "ConfigPresets", "PRESETS",
-    "run_all_tier1_tests", "run_all_tier2_tests", "run_all_tests",
+    "run_all_tier1_tests", "run_all_tier2_tests", "run_all_tier3_tests", "run_all_tests",
 ]
 
 logger = logging.getLogger("acceltrain")
