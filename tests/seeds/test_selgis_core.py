@@ -310,3 +310,39 @@ def test_constructor_and_the_trainer_view(tmp_path):
         with pytest.raises(RuntimeError, match=f"^trainer.selgis.{name}: the Trainer runs this inside train"):
             getattr(trainer.selgis, name)(*([loss] if name in ("check_loss", "backward_step") else
                                            [{}, 0] if name == "eval_epoch" else []))
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_manual_loop_under_ddp_on_two_ranks(tmp_path):
+    """2 gloo ranks, each with half of every batch: their weights agree bitwise and equal (to float
+    rounding) one process on the whole batches; optimizer_step inside a no_sync window is refused."""
+    import json
+
+    from tests.conftest import ROOT, torchrun
+
+    out = tmp_path / "weights"
+    torchrun(ROOT / "tests/seeds/scripts/selgis_core_ddp.py", str(out))
+    ranks = [json.loads((tmp_path / f"weights.{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["ddp"] == "DistributedDataParallel"
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["step"] == 4
+    assert ranks[0]["errors"] == ["optimizer_step after 1 of 2 backward_step calls: under DDP the window's gradients "
+                                  "are synchronised by its last backward (no_sync before it); call optimizer_step "
+                                  "every gradient_accumulation_steps backward_steps"]
+    # one process, whole batches of 16: the mean over two equal halves is the mean over the batch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    cfg = _cfg(tmp_path, gradient_accumulation_steps=2, warmup_ratio=0.0)
+    optimizer = torch.optim.AdamW(get_optimizer_grouped_params(model, cfg.weight_decay), lr=1e-2)
+    core = SelgisCore(model, optimizer, None, cfg, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    for i in range(8):
+        loss = F.cross_entropy(model(x[i * 16:(i + 1) * 16]), y[i * 16:(i + 1) * 16])
+        assert core.check_loss(loss)
+        core.backward_step(loss)
+        if i % 2 == 1:
+            assert core.optimizer_step()
+    single = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(torch.tensor(ranks[0]["weights"]), single, atol=1e-6, rtol=0)
