@@ -33,6 +33,13 @@ The loop SELGIS documents runs as written::
             break
     core.load_best_weights()
 
+The config fields the core reads: ``gradient_accumulation_steps``, ``grad_clip_norm``,
+``grad_clip_value``, ``nan_recovery``, ``spike_threshold``, ``min_history_len``,
+``state_update_interval``, ``patience``, ``min_delta``, ``fp16`` / ``bf16``, ``device`` and
+``label_smoothing`` (``evaluate``'s default loss); a ``SmartScheduler`` reads the schedule fields.
+The others shape a whole run (epochs, batch sizes, LR finder, sparsity, logging, saving, seed):
+your loop decides them, as the ``Trainer`` does from them.
+
 Where SELGIS and an acceltrain guarantee differ, the guarantee wins:
 
 - a NaN/Inf loss is never back-propagated: ``check_loss`` rolls back (with ``nan_recovery``;
