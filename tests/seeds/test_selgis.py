@@ -108,8 +108,7 @@ def test_public_api_block_imports_as_written():
     for fn in (count_parameters, format_params, get_device, get_optimizer_grouped_params, is_dict_like, move_to_device,
                to_dict, unpack_batch):
         assert callable(fn) and fn.__doc__  # each is exercised in test_utils
-    with pytest.raises(TypeError, match="runs the protection inside"):
-        SelgisCore(_mlp(), None)
+    assert callable(SelgisCore.check_loss)  # the manual loop: tests/seeds/test_selgis_core.py
 
 
 def test_cli_version_and_device(capsys):
@@ -557,6 +556,15 @@ def test_smart_scheduler_by_epoch_and_by_step():
     by_step = SmartScheduler(opt2, 0.1, SelgisConfig(scheduler_type="cosine", warmup_ratio=0.1, min_lr=0.0),
                              num_training_steps=100)
     assert [by_step.step() for _ in range(10)][-1] == pytest.approx(0.1)
+    # cosine_restart by step: t_0 stays epochs (4 epochs over 40 steps: t_0=1 restarts every 10 steps)
+    from acceltrain.schedules import build_schedule
+
+    opt3 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    restarts = SmartScheduler(opt3, 0.1, SelgisConfig(scheduler_type="cosine_restart", warmup_ratio=0.1, max_epochs=4,
+                                                      t_0=1, t_mult=1, min_lr=0.0), num_training_steps=40)
+    want = build_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), "cosine_restarts", 40,
+                          warmup_ratio=0.1, t_0=10, t_mult=1).lr_lambdas[0]
+    assert [restarts.scheduler.lr_lambdas[0](i) for i in range(40)] == [want(i) for i in range(40)]
     hf = get_transformer_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), "linear", 2, 10)
     hf.step()
     assert hf.get_last_lr() == [0.5]
