@@ -66,7 +66,8 @@ class BaseTrainer(BuildStep, GradientOps, NonFiniteChecks):
             it raises (multi-process runs; ``None`` keeps the process group's own, 10-30 min).
             Setup (data preparation on one rank, checkpoint loading) keeps the longer one.
         defer_non_finite: Keep the finite flag on the device on quiet steps (see
-            :mod:`acceltrain.non_finite`); ``False`` reads it on the host every step and always redoes a bad step in place.
+            :mod:`acceltrain.non_finite`); ``False`` reads it on the host every step and always
+            redoes a bad step in place.
         allow_global_batch_change: On a resume with another number of processes whose samples
             per step no accumulation can keep, continue with the new global batch (logged)
             instead of refusing (see :mod:`acceltrain.elastic`).
@@ -77,11 +78,14 @@ class BaseTrainer(BuildStep, GradientOps, NonFiniteChecks):
     - ``model``, ``optimizer``, ``lr_scheduler``: the prepared (wrapped) objects; ``unwrapped_model``
       the plain module; ``unwrapped_optimizer``/``unwrapped_scheduler`` the plain torch optimizer and
       scheduler under Accelerate's wrappers (what the step loop steps; read and edit state there);
-      ``trainable_parameters`` the list of parameters with ``requires_grad`` (None/[] before building).
+      ``trainable_parameters`` the list of parameters with ``requires_grad`` (None and [] before
+      building); :meth:`set_gradient_accumulation_steps` after building.
     - :meth:`autocast` (the run's precision context), ``engine_kind``, ``counts_items``, ``data``
       (the data position), ``step``, ``step_info`` (:class:`StepInfo`), :meth:`step_figures`.
     - Stopping: :meth:`request_stop`, ``should_stop``, ``stop_requested``, ``stop_reason``,
       ``stopped_by_signal``, ``exit_code``; steering an update: :meth:`skip_step`.
+    - Driving the loop yourself (benchmarks): :meth:`build`, :meth:`call_hooks`,
+      :meth:`run_step`, :meth:`index_hooks` after changing ``hooks``.
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -174,7 +178,9 @@ class BaseTrainer(BuildStep, GradientOps, NonFiniteChecks):
         self.hooks: list[BaseHook] = []
         self.should_stop = False
         self.stop_reason: str | None = None
-        self.stopped_by_signal = False  # see request_stop(by_signal=True)
+        # A signal (preemption, cancel) stops this run: set at once on the rank that received it
+        # (request_stop(by_signal=True)), on the others by CheckpointingHook.on_after_train.
+        self.stopped_by_signal = False
         self.exit_code: int | None = None  # set by a hook (e.g. after a signal): train() exits with it
         self._skip_reason: str | None = None
         self._stop_local = False
