@@ -460,7 +460,7 @@ def _reshard(trainer: BaseTrainer, model_local: dict[str, torch.Tensor],
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    template, _ = get_state_dict(trainer.model, trainer._inner_optimizer, options=trainer.state_dict_options)
+    template, _ = get_state_dict(trainer.model, trainer.unwrapped_optimizer, options=trainer.state_dict_options)
 
     def like(local: torch.Tensor, ref: Any) -> torch.Tensor:
         if not isinstance(ref, DTensor) or local.dim() == 0:  # e.g. AdamW's scalar step
@@ -521,7 +521,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
             add_frozen_weights(trainer.unwrapped_model, state["model"], manifest["frozen"], folder)
         restore_tied(trainer.unwrapped_model, state["model"])
     if plan is not None:
-        trainer._set_gradient_accumulation_steps(plan.accumulation)
+        trainer.set_gradient_accumulation_steps(plan.accumulation)
     # Full tensors into FSDP2 parameters: laid out on the live mesh by set_state_dict.
     trainer.load_state_dict(state, strict_data=strict, full_state_dict=full and live_sharded)
     if own:
@@ -529,7 +529,7 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     else:
         from .elastic import seed_new_rank
 
-        position = trainer._data.position
+        position = trainer.data.position
         seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
     if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
         logger.warning("%s", plan.message)
@@ -541,7 +541,7 @@ def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) ->
     the same world size); raises CheckpointError when the global batch cannot be kept."""
     from .elastic import plan_resize
 
-    position = trainer._data.position if trainer._data is not None else None
+    position = trainer.data.position if trainer.data is not None else None
     try:
         return plan_resize(manifest, folder=folder, world=trainer.accelerator.num_processes,
                            micro_batch=position.batch_size if position is not None else None,

@@ -134,7 +134,7 @@ def run_lr_find(config: str | None, overrides: list[str], plot: str | None, num_
     if hasattr(cfg, "validate"):
         cfg.validate()
     trainer = trainer_cls(cfg)
-    trainer._build()
+    trainer.build()
     path = Path(plot) if plot else (trainer.workspace or Path(".")) / "lr_find.png"
     lr = trainer.find_lr(plot=path, num_steps=num_steps)
     if trainer.is_main_process:

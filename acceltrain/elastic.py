@@ -146,7 +146,7 @@ def dtensor_shapes(obj: Any, *, prefix: str = "") -> dict[str, list[int]]:
 
 def manifest_layout(trainer: Any) -> dict[str, Any]:
     """The manifest's record of the step's make-up and the sampler (for a resume on another world)."""
-    position = trainer._data.position if trainer._data is not None else None
+    position = trainer.data.position if trainer.data is not None else None
     world = trainer.accelerator.num_processes
     layout: dict[str, Any] = {"batch": batch_layout(world=world, micro_batch=position.batch_size if position else None,
                                                     accumulation=trainer.gradient_accumulation_steps)}

@@ -169,7 +169,7 @@ def resize_worker(mode: str, folder: Path, out: Path) -> None:
         trainer.train()
         save_checkpoint(trainer, folder, background=False)
     else:
-        trainer._build()
+        trainer.build()
         acc.wait_for_everyone()
         seconds = torch.tensor([timed(lambda: load_checkpoint(trainer, next(folder.glob("checkpoint_step_*"))))])
         if acc.num_processes > 1:

@@ -84,7 +84,7 @@ class _ClipValueHook(BaseHook):
         self.value = value
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        trainer.accelerator.clip_grad_value_(trainer._trainable, self.value)
+        trainer.accelerator.clip_grad_value_(trainer.trainable_parameters, self.value)
 
 
 def _loader_batch_size(loader: Any) -> int | None:
@@ -264,7 +264,7 @@ class Trainer(_OneCallTrainer):
         root = self._checkpoint_root()
         resuming = root is not None and find_latest_checkpoint(root, clean=False) is not None
         if cfg.lr_finder_enabled and not self._user_optimizer and not resuming:
-            self._build()
+            self.build()
             self.lr_finder_lr = find_lr(self, apply=True, start_lr=cfg.lr_finder_start, end_lr=cfg.lr_finder_end,
                                         num_steps=cfg.lr_finder_steps, trainable_only=cfg.lr_finder_trainable_only)
             logger.info("LR finder: starting from lr %.3g", self.lr_finder_lr)
@@ -275,7 +275,7 @@ class Trainer(_OneCallTrainer):
         if self._eval_loader is None:
             return {}
         if not self._built:
-            self._build()
+            self.build()
         return super().evaluate()
 
     def save_model(self, path: str | Path) -> Path:

@@ -64,8 +64,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..engine import PLAIN_GRADS
 from ..evaluation import shard_eval_loader
+from ..gradients import PLAIN_GRADS
 from ..hooks import GuardHook
 from ..hooks.early_stopping import EarlyStoppingHook
 from ..trainer import NonFiniteError
@@ -132,7 +132,7 @@ class SelgisCore:
         if device is None or device == "auto":
             device = None if config.device == "auto" else config.device
         t = _CoreTrainer(model, optimizer, inner, config, device)
-        t._build()
+        t.build()
         if t.accelerator.distributed_type not in PLAIN_GRADS:
             raise ValueError(f"SelgisCore: the manual loop runs on one process or under DDP, not "
                              f"{t.accelerator.distributed_type.value}: use Trainer, which owns the loop there")
@@ -220,7 +220,7 @@ class SelgisCore:
                                "gradients are synchronised by its last backward (no_sync before it); call "
                                "optimizer_step every gradient_accumulation_steps backward_steps")
         if n != k:  # a partial window weighs each micro-batch 1/n, as the trainer's loop does
-            torch._foreach_mul_([p.grad for p in t._trainable if p.grad is not None], k / n)
+            torch._foreach_mul_([p.grad for p in t.trainable_parameters if p.grad is not None], k / n)
         grad_norm = t._grad_norm()  # clips to grad_clip_norm (after unscaling fp16)
         finite, _, _ = t._agree(grad_norm, n)
         self._micro = 0
@@ -234,10 +234,10 @@ class SelgisCore:
             self._guard.on_non_finite(t, "non-finite gradients", list(t.step_info.get("batches", [])))
             return False
         if self.config.grad_clip_value is not None:
-            t.accelerator.clip_grad_value_(t._trainable, self.config.grad_clip_value)
+            t.accelerator.clip_grad_value_(t.trainable_parameters, self.config.grad_clip_value)
         t._optimizer_step()
-        if t._inner_scheduler is not None and not self._epoch_scheduler:
-            t._inner_scheduler.step()
+        if t.unwrapped_scheduler is not None and not self._epoch_scheduler:
+            t.unwrapped_scheduler.step()
         t._zero_grad()
         t.step += 1
         if self._guard is not None:
@@ -333,4 +333,4 @@ class SelgisCore:
 
     def get_amp_context(self) -> Any:
         """The trainer's autocast (``fp16`` / ``bf16``), or a null context."""
-        return self.trainer._autocast()
+        return self.trainer.autocast()

@@ -342,7 +342,7 @@ def test_min_lr_is_the_floor_the_schedule_reaches(tmp_path):
                                             ("polynomial", "polynomial")])
 def test_scheduler_type(tmp_path, name, expected):
     t = Trainer(_mlp(), _cfg(tmp_path, scheduler_type=name, t_0=1), _loader())
-    t._build()
+    t.build()
     assert t.lr_scheduler.scheduler.lr_lambdas[0].name == expected
     with pytest.raises(ConfigError, match="scheduler_type must be one of"):
         _cfg(tmp_path, scheduler_type="step")
@@ -369,7 +369,7 @@ def test_label_smoothing_of_the_default_loss(tmp_path):
 
 def test_weight_decay_goes_to_the_default_optimizer(tmp_path):
     t = Trainer(_mlp(), _cfg(tmp_path, weight_decay=0.05), _loader())
-    t._build()
+    t.build()
     assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
     assert [len(g["params"]) for g in t.optimizer.param_groups] == [2, 2]  # weights / biases
 
@@ -507,7 +507,7 @@ def test_optimizer_type_and_adam_fields(tmp_path, bert_folder, kind, cls):
     t = TransformerTrainer(str(bert_folder), _tcfg(tmp_path, optimizer_type=kind, learning_rate=3e-4, adam_beta1=0.8,
                                                    adam_beta2=0.95, adam_epsilon=1e-6, weight_decay=0.02),
                            _token_loader())
-    t._build()
+    t.build()
     opt = t.optimizer.optimizer
     assert type(opt).__name__ == cls and opt.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]

@@ -214,8 +214,8 @@ def test_check_loss_rolls_back_and_skips_as_the_trainer_does(tmp_path, inject, k
 
 
 def optimizer_lr(t):
-    return t.trainer._inner_optimizer.param_groups[0]["lr"] if isinstance(t, SelgisCore) else \
-        t._inner_optimizer.param_groups[0]["lr"]
+    return t.trainer.unwrapped_optimizer.param_groups[0]["lr"] if isinstance(t, SelgisCore) else \
+        t.unwrapped_optimizer.param_groups[0]["lr"]
 
 
 def test_check_loss_ladder_snapshot_and_bound(tmp_path):

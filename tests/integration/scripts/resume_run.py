@@ -105,7 +105,7 @@ class DumpLoaded(BaseHook):
     def on_before_train(self, trainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model, optim = get_state_dict(trainer.model, trainer._inner_optimizer,
+        model, optim = get_state_dict(trainer.model, trainer.unwrapped_optimizer,
                                       options=StateDictOptions(full_state_dict=True))  # every rank: collective
         if trainer.is_main_process:
             torch.save({"model": model, "optimizer": optim, "step": trainer.step,
@@ -232,7 +232,7 @@ def main() -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    full_model, full_optim = get_state_dict(trainer.model, trainer._inner_optimizer,
+    full_model, full_optim = get_state_dict(trainer.model, trainer.unwrapped_optimizer,
                                             options=StateDictOptions(full_state_dict=True))  # collective
     if trainer.is_main_process:  # world-size independent, for the elastic tests
         torch.save({"model": full_model, "optimizer": full_optim, "step": trainer.step}, args.workspace / "final_full.pt")
