@@ -382,6 +382,11 @@ class BaseTrainer(GradientOps):
         self.gradient_accumulation_steps = accumulation
         self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and accumulation > 1
                              and not self._deepspeed)
+        if self._deepspeed:  # the engine divides the loss by its own accumulation and counts samples by it
+            engine = self.model
+            engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * accumulation * engine.dp_world_size)
+            if hasattr(engine.optimizer, "gradient_accumulation_steps"):  # ZeRO's CPU-offload accumulation
+                engine.optimizer.gradient_accumulation_steps = accumulation
 
     def log(self, records: dict[str, Any], dry_run: bool = False) -> None:
         """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this)."""
