@@ -235,6 +235,12 @@ def _load_optimizer(trainer: BaseTrainer, sd: dict[str, Any], path: Path) -> Non
     opt.load_state_dict(state_list, load_optimizer_states=True, load_from_fp32_weights=True)
     if hasattr(opt, "checkpoint_event_epilogue"):  # ZeRO-3: gather the persistent parameters again
         opt.checkpoint_event_epilogue()
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and opt.optimizer.state:
+        # ZeRO-1/2 re-links its parameters' fragments on load but not their optimizer state, which
+        # it links only once, after a first step: without this, DeepSpeed's per-parameter API
+        # (safe_get_full_optimizer_state) fails after a resume until the next step (or for good).
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     for key, value in numbers.items():
         setattr(opt.loss_scaler, key, value)
 
