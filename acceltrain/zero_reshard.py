@@ -52,7 +52,8 @@ def reshard(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[str, An
 
     Args:
         opt: The live engine's ZeRO optimizer (``DeepSpeedZeroOptimizer`` or ``..._Stage3``).
-        shards: Every saved rank's optimizer state, in rank order (as :func:`optimizer_state` wrote it).
+        shards: Every saved rank's optimizer state, in rank order (as
+            :func:`acceltrain.checkpoint_deepspeed.optimizer_state` wrote them).
         where: The checkpoint folder, for messages.
 
     Raises:
