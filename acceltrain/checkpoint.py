@@ -18,7 +18,8 @@ otherwise). ``save_pretrained`` consolidates to one safetensors file for export.
 
 Under DeepSpeed the same folder holds ``model.safetensors`` (ZeRO 0-2) and one
 ``optimizer_shard_{rank}.pt`` per rank with its ZeRO partition, reduced to plain tensors so it
-loads with weights_only=True (see :mod:`acceltrain.checkpoint_deepspeed`).
+loads with weights_only=True (see :mod:`acceltrain.checkpoint_deepspeed`); on another number of
+processes the partitions are re-cut (:mod:`acceltrain.zero_reshard`).
 
 Every rank writes into ``.tmp_checkpoint_step_{N}``; after a barrier the main rank checks the
 files, writes the manifest, renames the folder and points ``checkpoint_latest`` at it. A
@@ -489,10 +490,10 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     acc = trainer.accelerator
     rank, saved_world = acc.process_index, int(manifest["world_size"])
     deepspeed = manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False)
-    if saved_world != acc.num_processes and deepspeed:
-        from .checkpoint_deepspeed import refuse_resize
+    if deepspeed:  # another stage or precision is refused before the batch plan is looked at
+        from .checkpoint_deepspeed import _check_fits
 
-        refuse_resize(folder, manifest, acc.num_processes)
+        _check_fits(trainer, folder, manifest)
     plan = resize_plan(trainer, folder, manifest)
     state = _load(folder / "trainer_state.pt")
     # A rank the saved run did not have takes rank 0's hook states (hooks that decide together,
@@ -500,11 +501,13 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     own = rank < saved_world
     rank_state = _load(folder / f"rank_state_{rank if own else 0}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
-    if deepspeed:
+    if deepspeed:  # ZeRO partitions of another world size are re-cut (acceltrain.zero_reshard)
         from .checkpoint_deepspeed import load_deepspeed
 
-        load_deepspeed(trainer, folder, manifest, state, strict=strict)  # refuses a different setup
-        set_rng_state(rank_state["rng"])
+        if plan is not None:
+            trainer.set_gradient_accumulation_steps(plan.accumulation)
+        load_deepspeed(trainer, folder, manifest, state, strict=strict)
+        _resumed(trainer, rank_state, own, plan)
         return manifest
     live_sharded = any(_is_dtensor(p) for p in trainer.model.parameters())
     full = True
@@ -524,16 +527,23 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
         trainer.set_gradient_accumulation_steps(plan.accumulation)
     # Full tensors into FSDP2 parameters: laid out on the live mesh by set_state_dict.
     trainer.load_state_dict(state, strict_data=strict, full_state_dict=full and live_sharded)
+    _resumed(trainer, rank_state, own, plan)
+    return manifest
+
+
+def _resumed(trainer: BaseTrainer, rank_state: dict[str, Any], own: bool, plan: Any) -> None:
+    """After the state is loaded: this rank's generators (saved, or seeded for a rank the saved run
+    did not have) and the resize line."""
     if own:
         set_rng_state(rank_state["rng"])
     else:
         from .elastic import seed_new_rank
 
         position = trainer.data.position
-        seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
-    if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
+        seed = position.seed if position is not None else int(trainer.data_seed or 0)
+        seed_new_rank(seed, trainer.step, trainer.accelerator.process_index)
+    if plan is not None and trainer.accelerator.is_main_process and not getattr(trainer, "_resize_announced", False):
         logger.warning("%s", plan.message)
-    return manifest
 
 
 def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> Any:

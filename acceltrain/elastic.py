@@ -14,7 +14,8 @@ What changes with the world size, and what this module decides about it:
   unresized run after a resize, while the data order does not.
 - **Weights and optimizer state**: DDP and single-process checkpoints hold full tensors; FSDP2
   shards are reassembled into full tensors here (:func:`full_from_shards`) and laid out again
-  on the live mesh. DeepSpeed ZeRO partitions are refused (:mod:`acceltrain.checkpoint_deepspeed`).
+  on the live mesh. DeepSpeed ZeRO partitions are re-cut for the new world size
+  (:mod:`acceltrain.zero_reshard`).
 
 The log and refusal lines are part of the interface (cluster scripts grep them)::
 

@@ -117,6 +117,11 @@ class BuildStep:
         self.gradient_accumulation_steps = accumulation
         if self._built:
             self._set_no_sync()
+            if self._deepspeed:  # the engine divides the loss by its own accumulation and counts samples by it
+                engine = self.model
+                engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * accumulation * engine.dp_world_size)
+                if hasattr(engine.optimizer, "gradient_accumulation_steps"):  # ZeRO's CPU-offload accumulation
+                    engine.optimizer.gradient_accumulation_steps = accumulation
 
     def index_hooks(self) -> None:
         """Decide which hooks each event calls; call it again after changing ``trainer.hooks``."""
