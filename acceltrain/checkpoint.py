@@ -19,7 +19,8 @@ otherwise). ``save_pretrained`` consolidates to one safetensors file for export.
 
 Under DeepSpeed the same folder holds ``model.safetensors`` (ZeRO 0-2) and one
 ``optimizer_shard_{rank}.pt`` per rank with its ZeRO partition, reduced to plain tensors so it
-loads with weights_only=True (see :mod:`acceltrain.checkpoint_deepspeed`).
+loads with weights_only=True (see :mod:`acceltrain.checkpoint_deepspeed`); on another number of
+processes the partitions are re-cut (:mod:`acceltrain.zero_reshard`).
 
 Every rank writes into ``.tmp_checkpoint_step_{N}``; after a barrier the main rank checks the
 files, writes the manifest, renames the folder and points ``checkpoint_latest`` at it. A
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint_deepspeed import load_deepspeed, refuse_resize, save_deepspeed
+from .checkpoint_deepspeed import _check_fits, load_deepspeed, save_deepspeed
 from .checkpoint_io import (
     CheckpointError,
     add_frozen_weights,
@@ -359,7 +360,7 @@ def _reshard(trainer: BaseTrainer, model_local: dict[str, torch.Tensor],
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    template, _ = get_state_dict(trainer.model, trainer._inner_optimizer, options=trainer.state_dict_options)
+    template, _ = get_state_dict(trainer.model, trainer.unwrapped_optimizer, options=trainer.state_dict_options)
 
     def like(local: torch.Tensor, ref: Any) -> torch.Tensor:
         if not isinstance(ref, DTensor) or local.dim() == 0:  # e.g. AdamW's scalar step
@@ -388,8 +389,8 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     acc = trainer.accelerator
     rank, saved_world = acc.process_index, int(manifest["world_size"])
     deepspeed = manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False)
-    if saved_world != acc.num_processes and deepspeed:
-        refuse_resize(folder, manifest, acc.num_processes)
+    if deepspeed:  # another stage or precision is refused before the batch plan is looked at
+        _check_fits(trainer, folder, manifest)
     plan = resize_plan(trainer, folder, manifest)
     state = safe_load(folder / "trainer_state.pt")
     # A rank the saved run did not have takes rank 0's hook states (hooks that decide together,
@@ -397,9 +398,11 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     own = rank < saved_world
     rank_state = safe_load(folder / f"rank_state_{rank if own else 0}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
-    if deepspeed:
-        load_deepspeed(trainer, folder, manifest, state, strict=strict)  # refuses a different setup
-        set_rng_state(rank_state["rng"])
+    if deepspeed:  # ZeRO partitions of another world size are re-cut (acceltrain.zero_reshard)
+        if plan is not None:
+            trainer.set_gradient_accumulation_steps(plan.accumulation)
+        load_deepspeed(trainer, folder, manifest, state, strict=strict)
+        _resumed(trainer, rank_state, own, plan)
         return manifest
     live_sharded = any(is_dtensor(p) for p in trainer.model.parameters())
     full = True
@@ -416,23 +419,30 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
             add_frozen_weights(trainer.unwrapped_model, state["model"], manifest["frozen"], folder)
         restore_tied(trainer.unwrapped_model, state["model"])
     if plan is not None:
-        trainer._set_gradient_accumulation_steps(plan.accumulation)
+        trainer.set_gradient_accumulation_steps(plan.accumulation)
     # Full tensors into FSDP2 parameters: laid out on the live mesh by set_state_dict.
     trainer.load_state_dict(state, strict_data=strict, full_state_dict=full and live_sharded)
+    _resumed(trainer, rank_state, own, plan)
+    return manifest
+
+
+def _resumed(trainer: BaseTrainer, rank_state: dict[str, Any], own: bool, plan: Any) -> None:
+    """After the state is loaded: this rank's generators (saved, or seeded for a rank the saved run
+    did not have) and the resize line."""
     if own:
         set_rng_state(rank_state["rng"])
     else:
-        position = trainer._data.position
-        seed_new_rank(position.seed if position is not None else int(trainer.data_seed or 0), trainer.step, rank)
-    if plan is not None and acc.is_main_process and not getattr(trainer, "_resize_announced", False):
+        position = trainer.data.position
+        seed = position.seed if position is not None else int(trainer.data_seed or 0)
+        seed_new_rank(seed, trainer.step, trainer.accelerator.process_index)
+    if plan is not None and trainer.accelerator.is_main_process and not getattr(trainer, "_resize_announced", False):
         logger.warning("%s", plan.message)
-    return manifest
 
 
 def resize_plan(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> Any:
     """The :class:`~acceltrain.elastic.ResizePlan` for resuming ``manifest`` in this trainer (None:
     the same world size); raises CheckpointError when the global batch cannot be kept."""
-    position = trainer._data.position if trainer._data is not None else None
+    position = trainer.data.position if trainer.data is not None else None
     try:
         return plan_resize(manifest, folder=folder, world=trainer.accelerator.num_processes,
                            micro_batch=position.batch_size if position is not None else None,

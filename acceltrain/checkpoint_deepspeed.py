@@ -20,11 +20,11 @@ plain fails the save loudly. Loading rebuilds the objects from the live engine a
 state to the optimizer's own ``load_state_dict`` (fp32 master weights restored exactly), as
 ``engine.load_checkpoint`` would, with ``weights_only=True`` throughout.
 
-Unlike FSDP2 shards (reassembled for any world size, :mod:`acceltrain.elastic`), a ZeRO
-checkpoint resumes only with the same number of processes, the same ZeRO stage and the same
-mixed precision (refused otherwise in one line, exit 2, naming the mismatch): the partitions
-are laid out for one world size, and DeepSpeed's own re-partitioning (``ds_to_universal``)
-reads DeepSpeed's pickled layout, which these safe-loading folders do not use.
+A ZeRO checkpoint resumes on any number of processes: on another one than it was saved by, every
+rank reads all the saved shards and :mod:`acceltrain.zero_reshard` cuts its new partition from
+them (ZeRO-1/2/3; stage 0 holds full state anyway). The ZeRO stage and the mixed precision must be
+the saved run's (refused otherwise in one line, exit 2, naming the mismatch).
+
 Not supported (refused before training): NVMe optimizer offload (the state lives in swap
 files outside the folder), MoE layers, ``elastic_checkpoint``, and stage 0 with mixed
 precision (DeepSpeed's ``FP16_Optimizer``/``BF16_Optimizer`` wrappers).
@@ -235,36 +235,35 @@ def _load_optimizer(trainer: BaseTrainer, sd: dict[str, Any], path: Path) -> Non
     opt.load_state_dict(state_list, load_optimizer_states=True, load_from_fp32_weights=True)
     if hasattr(opt, "checkpoint_event_epilogue"):  # ZeRO-3: gather the persistent parameters again
         opt.checkpoint_event_epilogue()
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and opt.optimizer.state:
+        # ZeRO-1/2 re-links its parameters' fragments on load but not their optimizer state, which
+        # it links only once, after a first step: without this, DeepSpeed's per-parameter API
+        # (safe_get_full_optimizer_state) fails after a resume until the next step (or for good).
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
     for key, value in numbers.items():
         setattr(opt.loss_scaler, key, value)
 
 
-def refuse_resize(folder: Path, manifest: dict[str, Any], world: int) -> None:
-    """A ZeRO checkpoint on another number of processes: refused in one line that says what to do.
-
-    ZeRO partitions (fp32 master weights and moments, flattened per rank) are laid out for one
-    data-parallel size, and DeepSpeed's universal-checkpoint conversion (``ds_to_universal``)
-    reads DeepSpeed's own pickled layout, which these safe-loading folders do not use.
-    """
-    saved = int(manifest["world_size"])
-    ds = manifest.get("deepspeed") or {}
-    stage = ds.get("zero_stage", "?")
-    raise CheckpointError(
-        f"{folder}: saved by {saved} process{'es' if saved != 1 else ''}, this run has {world}; resume with the "
-        "same number of processes "
-        f"({saved}): DeepSpeed ZeRO-{stage} partitions are laid out per data-parallel rank and acceltrain cannot "
-        "re-partition them (a DDP or FSDP2 checkpoint resumes on any number)")
-
-
 def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any], state: dict[str, Any],
                    strict: bool = True) -> None:
-    """Restore a checkpoint written by :func:`save_deepspeed` (``state``: the loaded training state)."""
+    """Restore a checkpoint written by :func:`save_deepspeed` (``state``: the loaded training state),
+    saved by this or any other number of processes."""
     _check_fits(trainer, folder, manifest)
     acc = trainer.accelerator
     stage = manifest["deepspeed"]["zero_stage"]
     model = trainer.unwrapped_model
+    saved_world = int(manifest["world_size"])
     optim_path = folder / ("optimizer.pt" if stage == 0 else f"optimizer_shard_{acc.process_index}.pt")
-    optim_sd = _load(optim_path)
+    if stage == 0 or saved_world == trainer.model.dp_world_size:
+        optim_sd = _load(optim_path)
+    else:  # another number of processes: this rank's new partition, cut from every saved one
+        from .zero_reshard import reshard
+
+        optim_path = folder / f"optimizer_shard_{{0..{saved_world - 1}}}.pt"
+        shards = [_load(folder / f"optimizer_shard_{r}.pt") for r in range(saved_world)]
+        optim_sd = reshard(trainer.model.optimizer, shards, folder)
+        del shards
     if stage < 3:
         weights = _load_safetensors(folder / "model.safetensors")
         if manifest.get("frozen"):

@@ -134,7 +134,7 @@ def run_lr_find(config: str | None, overrides: list[str], plot: str | None, num_
     if hasattr(cfg, "validate"):
         cfg.validate()
     trainer = trainer_cls(cfg)
-    trainer._build()
+    trainer.build()
     path = Path(plot) if plot else (trainer.workspace or Path(".")) / "lr_find.png"
     lr = trainer.find_lr(plot=path, num_steps=num_steps)
     if trainer.is_main_process:
@@ -222,6 +222,10 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Perplexity of a model folder on text: every full seq_len window, mean next-token loss, exp of it.
 
+    The text is streamed and tokenized as the pretraining recipe does (bounded memory, every core,
+    the content-keyed shard cache), so a corpus larger than RAM can be scored; a window never spans
+    two 16 MB shards.
+
     Every window predicts ``seq_len - 1`` tokens, so the mean over windows is the mean over tokens.
     Then ``--generation_samples`` greedy continuations of held-out windows (their first half as
     the prompt, the next tokens as the reference) give distinct-n, repetition and BLEU. The
@@ -235,7 +239,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .compat.llm_trainer_cli import eval_config_file
-    from .data import PackedTokens, load_texts, pack_texts, texts_fingerprint
+    from .data import SourceSpec, TextSource, build_mixture, ingest
+    from .data.mixture import SourceWindows
     from .metrics import generation_samples
     from .recipe_kit import cache_root
 
@@ -255,13 +260,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if limit and args.seq_len > limit:
         raise UserError(f"--seq_len {args.seq_len}: the model in {args.model} takes at most {limit} positions")
     cache = cache_root()
-    texts = load_texts(args.dataset, text_column=args.text_column, config_name=args.dataset_config,
-                       split=args.split, max_bytes=args.max_bytes or None, cache_dir=cache / "datasets")
-    corpus = pack_texts(texts, tok, cache / "packed", fingerprint=texts_fingerprint(texts))
-    windows = PackedTokens(corpus, args.seq_len)
-    if len(windows) == 0:
+    # The pretraining recipe's streaming path: read in bounded pieces, tokenized on every core
+    # into the content-keyed shard cache (a second evaluation of the same text tokenizes nothing).
+    source = TextSource(SourceSpec(args.dataset, 1.0, args.text_column or "text"), max_bytes=args.max_bytes or None,
+                        config_name=args.dataset_config, split=args.split, hash_cache=cache / "filehash")
+    corpus = ingest(source.documents(), tok, cache / "shards", key=source.key())
+    # Every full window of every shard is scored: the corpus is a mixture's named validation source.
+    if SourceWindows(corpus, args.seq_len).num_windows == 0:
         raise UserError(f"--dataset {args.dataset}: {corpus.num_tokens} tokens found, fewer than one window of "
                         f"--seq_len {args.seq_len}; give more text or a smaller --seq_len")
+    windows = build_mixture([corpus], seq_len=args.seq_len, eval_corpus=corpus)[1]
     loader = torch.utils.data.DataLoader(windows, batch_size=args.batch_size)
     total, count, batches = 0.0, 0, 0
     with torch.no_grad():

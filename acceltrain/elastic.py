@@ -14,7 +14,8 @@ What changes with the world size, and what this module decides about it:
   unresized run after a resize, while the data order does not.
 - **Weights and optimizer state**: DDP and single-process checkpoints hold full tensors; FSDP2
   shards are reassembled into full tensors here (:func:`full_from_shards`) and laid out again
-  on the live mesh. DeepSpeed ZeRO partitions are refused (:mod:`acceltrain.checkpoint_deepspeed`).
+  on the live mesh. DeepSpeed ZeRO partitions are re-cut for the new world size
+  (:mod:`acceltrain.zero_reshard`).
 
 The log and refusal lines are part of the interface (cluster scripts grep them)::
 
@@ -145,7 +146,7 @@ def dtensor_shapes(obj: Any, *, prefix: str = "") -> dict[str, list[int]]:
 
 def manifest_layout(trainer: Any) -> dict[str, Any]:
     """The manifest's record of the step's make-up and the sampler (for a resume on another world)."""
-    position = trainer._data.position if trainer._data is not None else None
+    position = trainer.data.position if trainer.data is not None else None
     world = trainer.accelerator.num_processes
     layout: dict[str, Any] = {"batch": batch_layout(world=world, micro_batch=position.batch_size if position else None,
                                                     accumulation=trainer.gradient_accumulation_steps)}

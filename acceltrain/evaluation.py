@@ -1,4 +1,5 @@
-"""Evaluation over the exact evaluation set across ranks, and the hook that runs it.
+"""Evaluation over the exact evaluation set across ranks (the hook that runs it during training
+is :class:`acceltrain.hooks.EvaluationHook`).
 
 Every rank gets ``ceil(N / world)`` samples: its share of the set, then, if the set does not
 divide evenly, padding samples marked invalid. All ranks therefore run the same number of
@@ -8,6 +9,8 @@ masked out of every metric, so the result equals the single-process one exactly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,13 +20,12 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .hooks.base import BaseHook
-from .utils import flatten_dict, map_nested_tensor, to_float
+from .utils import flatten_dict, map_nested_tensor
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["EvalProgress", "EvaluationHook", "EvaluationInterrupted", "shard_eval_loader", "evaluate", "evaluate_resumable"]
+__all__ = ["EvalProgress", "EvaluationInterrupted", "shard_eval_loader", "evaluate", "evaluate_resumable", "continuing"]
 
 
 class _Padded(Dataset):
@@ -105,7 +107,7 @@ def _from_batch(loader: DataLoader, start: int) -> DataLoader:
 def _stop_requested(trainer: BaseTrainer, before: bool) -> bool:
     """Did a stop (a signal) arrive since the evaluation began? Agreed by every rank (one small
     all-reduce per evaluation batch when distributed), so all of them stop after the same batch."""
-    now = bool(trainer.should_stop or trainer._stop_local) and not before
+    now = bool(trainer.should_stop or trainer.stop_requested) and not before
     if trainer.accelerator.num_processes > 1:
         flag = torch.tensor([int(now)], device=trainer.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -130,7 +132,7 @@ def evaluate_resumable(trainer: BaseTrainer, progress: EvalProgress | None = Non
         progress = EvalProgress(trainer.step, 0, {}, torch.zeros((), dtype=torch.float64, device=trainer.device))
     sums = {k: v.to(trainer.device) for k, v in progress.sums.items()}
     count = progress.count.to(trainer.device).clone()
-    stopped_before = bool(trainer.should_stop or trainer._stop_local)
+    stopped_before = bool(trainer.should_stop or trainer.stop_requested)
     model = trainer.model
     was_training = model.training
     model.eval()
@@ -142,7 +144,7 @@ def evaluate_resumable(trainer: BaseTrainer, progress: EvalProgress | None = Non
             n_valid = int(valid.sum())
             if 0 < n_valid < valid.shape[0]:
                 batch = _select(batch, valid)
-            with trainer._autocast():
+            with trainer.autocast():
                 values = trainer.evaluation_step(batch)
             for key, value in flatten_dict(values).items():
                 value = torch.as_tensor(value, dtype=torch.float64, device=trainer.device)
@@ -177,105 +179,41 @@ class EvaluationInterrupted(BaseException):
         self.progress = progress
 
 
+# What `trainer.evaluate()` (which takes no arguments: recipes override it) is to continue from,
+# set around the call by EvaluationHook: (progress or None, interruptible).
+_CONTINUING: contextvars.ContextVar[tuple[EvalProgress | None, bool]] = contextvars.ContextVar(
+    "acceltrain_eval_continuing", default=(None, False))
+
+
+@contextlib.contextmanager
+def continuing(progress: EvalProgress | None, *, interruptible: bool) -> Iterator[None]:
+    """Within this block, :func:`evaluate` continues ``progress`` (None: from the start) and, with
+    ``interruptible``, stops after the batch in which a stop request arrives."""
+    token = _CONTINUING.set((progress, interruptible))
+    try:
+        yield
+    finally:
+        _CONTINUING.reset(token)
+
+
 def evaluate(trainer: BaseTrainer) -> dict[str, float]:
     """Average ``trainer.evaluation_step`` over the evaluation set, weighted by samples.
 
-    Sums and sample counts are all-reduced, so every rank returns the same numbers. Called by
-    ``EvaluationHook``, it continues the hook's interrupted evaluation and may itself be
-    interrupted (:class:`EvaluationInterrupted`).
+    Sums and sample counts are all-reduced, so every rank returns the same numbers. Inside
+    :func:`continuing` (as ``EvaluationHook`` calls it), it continues the hook's interrupted
+    evaluation and may itself be interrupted (:class:`EvaluationInterrupted`).
     """
-    progress, interruptible = getattr(trainer, "_eval_context", None) or (None, False)
+    progress, interruptible = _CONTINUING.get()
     metrics, state = evaluate_resumable(trainer, progress, interruptible=interruptible)
     if metrics is None:
         raise EvaluationInterrupted(state)
     return metrics
 
 
-class EvaluationHook(BaseHook):
-    """Run ``trainer.evaluate()`` every ``interval`` steps (and after the last step) and log it.
+def __getattr__(name: str) -> Any:
+    # The hook moved to acceltrain.hooks.evaluation; importing it here eagerly would be circular.
+    if name == "EvaluationHook":
+        from .hooks.evaluation import EvaluationHook
 
-    The metrics are logged under ``eval/`` (so ``CheckpointingHook(metric="eval/loss")`` and
-    early stopping can use them), kept in ``hook.history`` and printed on the main process.
-    Every rank must run this hook.
-
-    A stop request that arrives during an evaluation (a signal caught by ``CheckpointingHook``)
-    ends it after the current batch: the hook keeps how far it got (``hook.pending``, part of
-    its state, so the checkpoint written on the way out holds it), and a run resumed from that
-    checkpoint finishes the evaluation from the next batch before its first training step.
-    Metrics and the training that follows equal the uninterrupted run's exactly.
-
-    Example:
-        >>> EvaluationHook(interval=200)
-    """
-
-    def __init__(self, interval: int = 1000, at_end: bool = True, prefix: str = "eval", interruptible: bool = True):
-        if interval < 1:
-            raise ValueError(f"EvaluationHook interval must be >= 1, got {interval}")
-        self.interval, self.at_end, self.prefix = interval, at_end, prefix
-        self.interruptible = interruptible
-        self.history: list[tuple[int, dict[str, float]]] = []
-        self.last: dict[str, float] | None = None
-        self.pending: EvalProgress | None = None  # an evaluation a stop request interrupted
-        self._started = False
-
-    def on_after_step(self, trainer: BaseTrainer) -> None:
-        last = trainer.step == trainer.max_steps and self.at_end
-        if trainer.step % self.interval == 0 or last:
-            self.run(trainer)
-
-    def run(self, trainer: BaseTrainer, progress: EvalProgress | None = None) -> dict[str, float] | None:
-        """Evaluate now (or continue ``progress``); returns the metrics, or None if interrupted.
-
-        Through ``trainer.evaluate()``, so a recipe's override (adding perplexity, say) applies."""
-        # The trainer's evaluate() takes no arguments (recipes override it): the position to
-        # continue from travels beside it, for evaluation.evaluate() to pick up.
-        trainer._eval_context = (progress, self.interruptible)
-        try:
-            metrics = trainer.evaluate()
-        except EvaluationInterrupted as stop:
-            metrics, state = None, stop.progress
-        finally:
-            trainer._eval_context = None
-        if metrics is None:
-            self.pending = state
-            # A checkpoint of this step may be written already (a hook before this one): it
-            # must be written again, with this evaluation's position in it.
-            for hook in trainer.hooks:
-                if callable(getattr(hook, "invalidate", None)):
-                    hook.invalidate()
-            if trainer.is_main_process:
-                print(f"Eval  {trainer.step}/{trainer.max_steps}: interrupted after batch {state.batches} of "
-                      f"{len(trainer.eval_data_loader)}; a resumed run continues from there", flush=True)
-            return None
-        self.pending = None
-        self.last = metrics
-        self.history.append((trainer.step, metrics))
-        trainer.step_info[self.prefix] = metrics
-        trainer.log({self.prefix: metrics}, dry_run=not trainer.is_main_process)
-        if trainer.is_main_process:
-            shown = " ".join(f"{k} {to_float(v):.4f}" for k, v in metrics.items())
-            print(f"Eval  {trainer.step}/{trainer.max_steps}: {shown}", flush=True)
-        return metrics
-
-    def _continue(self, trainer: BaseTrainer) -> None:
-        if self.pending is not None and self.pending.step == trainer.step:
-            self.run(trainer, self.pending)
-
-    def on_before_train(self, trainer: BaseTrainer) -> None:
-        self._started = True
-        self._continue(trainer)  # a checkpoint loaded by a hook before this one
-
-    def on_load_state_dict(self, trainer: BaseTrainer, state: dict[str, Any]) -> None:
-        if self._started:  # loaded by a hook after this one (or by hand during training)
-            self._continue(trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": [[step, metrics] for step, metrics in self.history]}
-        if self.pending is not None:
-            state["pending"] = self.pending.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = [(int(step), dict(metrics)) for step, metrics in state.get("history", [])]
-        self.last = self.history[-1][1] if self.history else None
-        self.pending = EvalProgress.from_state(state["pending"]) if state.get("pending") else None
+        return EvaluationHook
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hooks.base import BaseHook
-from .utils import dedupe_tensors, in_workspace
+from .utils import dedupe_tensors
 
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["save_pretrained", "ExportHook"]
+__all__ = ["save_pretrained"]
 
 
 def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: Any = None,
@@ -60,29 +59,10 @@ def save_pretrained(trainer: BaseTrainer, directory: str | Path, *, tokenizer: A
     return directory
 
 
-class ExportHook(BaseHook):
-    """Save a Hugging Face folder at the end of training (and every ``interval`` steps if set).
+def __getattr__(name: str) -> Any:
+    # The hook moved to acceltrain.hooks.export; importing it here eagerly would be circular.
+    if name == "ExportHook":
+        from .hooks.export import ExportHook
 
-    A relative ``path`` is inside the workspace; periodic exports go to ``path/step_{N}``.
-
-    Example:
-        >>> ExportHook(path="final")
-    """
-
-    def __init__(self, path: str | Path = "final", interval: int | None = None, merge_lora: bool = False):
-        self.path = Path(path)
-        self.interval = interval
-        self.merge_lora = merge_lora
-
-    def _root(self, trainer: BaseTrainer) -> Path:
-        return in_workspace(self.path, trainer.workspace)
-
-    def on_after_step(self, trainer: BaseTrainer) -> None:
-        if self.interval and trainer.step % self.interval == 0 and trainer.step != trainer.max_steps:
-            save_pretrained(trainer, self._root(trainer) / f"step_{trainer.step}", merge_lora=self.merge_lora)
-
-    def on_after_train(self, trainer: BaseTrainer) -> None:
-        # Finished, or stopped early on purpose (early stopping); not when preempted.
-        preempted = (trainer.stop_reason or "").startswith("signal")
-        if trainer.step == trainer.max_steps or (trainer.should_stop and not preempted):
-            save_pretrained(trainer, self._root(trainer), merge_lora=self.merge_lora)
+        return ExportHook
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

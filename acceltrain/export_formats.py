@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LogitsOnly", "ExportError", "export_onnx", "export_torchscript", "export_program", "example_inputs"]
+__all__ = ["LogitsOnly", "ExportError", "export_onnx", "export_torchscript", "export_program", "trace_program",
+           "example_inputs"]
 
 logger = logging.getLogger("acceltrain")
 _MIN_DYNAMO_OPSET = 18
@@ -154,7 +155,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, vocab_size: int | N
                 example_shape: tuple[int, int] = (2, 8), check_shape: tuple[int, int] = (3, 13),
                 opset_version: int = _MIN_DYNAMO_OPSET, dynamic_axes: bool = True, optimize: bool = True,
                 validate: bool = True, atol: float = 1e-4, benchmark: bool = False,
-                benchmark_repeats: int = 20) -> dict[str, Any]:
+                benchmark_repeats: int = 20, program: torch.export.ExportedProgram | None = None) -> dict[str, Any]:
     """Write ``model`` as ONNX (inputs ``input_ids``, ``attention_mask``; output ``logits``).
 
     Args:
@@ -169,6 +170,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, vocab_size: int | N
         optimize: onnxscript's graph optimisation passes.
         validate: Run the file in onnxruntime and compare with PyTorch (``ExportError`` beyond ``atol``).
         benchmark: Also time PyTorch and onnxruntime on ``check_shape`` (``report["benchmark"]``).
+        program: ``model``'s :func:`trace_program` if you have it (then ``max_seq_len``,
+            ``example_shape`` and ``dynamic_axes`` are the program's): the ONNX exporter starts from
+            it instead of running ``torch.export`` again, e.g. when writing a ``.pt2`` file too.
 
     Returns:
         ``{"output_path", "file_size_mb", "opset_version", "max_abs_diff" (validate),
@@ -182,11 +186,17 @@ def export_onnx(model: torch.nn.Module, path: str | Path, *, vocab_size: int | N
                     _MIN_DYNAMO_OPSET)
         opset_version = _MIN_DYNAMO_OPSET
     args = example_inputs(vocab, *example_shape)
-    program = torch.onnx.export(wrapper, args, dynamo=True, input_names=["input_ids", "attention_mask"],
-                                output_names=["logits"], opset_version=opset_version, optimize=optimize,
-                                dynamic_shapes=_dynamic_shapes(_max_len(model, max_seq_len)) if dynamic_axes else None,
-                                verbose=False)
-    program.save(str(path))
+    if program is not None:
+        dynamic_axes = True  # trace_program's axes
+        onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=["input_ids", "attention_mask"],
+                                         output_names=["logits"], opset_version=opset_version, optimize=optimize,
+                                         verbose=False)
+    else:
+        onnx_program = torch.onnx.export(
+            wrapper, args, dynamo=True, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            opset_version=opset_version, optimize=optimize,
+            dynamic_shapes=_dynamic_shapes(_max_len(model, max_seq_len)) if dynamic_axes else None, verbose=False)
+    onnx_program.save(str(path))
     report = _report(path, opset_version=opset_version)
     if validate or benchmark:
         import onnxruntime as ort
@@ -246,16 +256,28 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, *, vocab_size: 
     return report
 
 
+def trace_program(model: torch.nn.Module, *, vocab_size: int | None = None, max_seq_len: int = 512,
+                  example_shape: tuple[int, int] = (2, 8)) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model(input_ids, attention_mask) -> logits`` with dynamic batch and
+    sequence axes: what :func:`export_program` saves and :func:`export_onnx` translates (pass it
+    to both as ``program=`` to trace the model once)."""
+    wrapper, vocab = _prepare(model, vocab_size)
+    return torch.export.export(wrapper, example_inputs(vocab, *example_shape),
+                               dynamic_shapes=_dynamic_shapes(_max_len(model, max_seq_len)), strict=False)
+
+
 def export_program(model: torch.nn.Module, path: str | Path, *, vocab_size: int | None = None,
                    max_seq_len: int = 512, example_shape: tuple[int, int] = (2, 8),
-                   check_shape: tuple[int, int] = (3, 13), validate: bool = True, atol: float = 1e-4) -> dict[str, Any]:
+                   check_shape: tuple[int, int] = (3, 13), validate: bool = True, atol: float = 1e-4,
+                   program: torch.export.ExportedProgram | None = None) -> dict[str, Any]:
     """Write ``model`` as a ``torch.export`` program (``.pt2``, dynamic batch and sequence), checked
-    by ``torch.export.load(path).module()``. Returns ``{"output_path", "file_size_mb", "max_abs_diff"}``."""
+    by ``torch.export.load(path).module()``. Returns ``{"output_path", "file_size_mb", "max_abs_diff"}``.
+    ``program``: ``model``'s :func:`trace_program`, if already made (saved as it is)."""
     wrapper, vocab = _prepare(model, vocab_size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = torch.export.export(wrapper, example_inputs(vocab, *example_shape),
-                                  dynamic_shapes=_dynamic_shapes(_max_len(model, max_seq_len)), strict=False)
+    if program is None:
+        program = trace_program(model, vocab_size=vocab, max_seq_len=max_seq_len, example_shape=example_shape)
     torch.export.save(program, str(path))
     report = _report(path)
     if validate:

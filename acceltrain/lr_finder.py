@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType, send_to_device
+from accelerate.utils import send_to_device
 
 from .rng import rng_state, set_rng_state
+from .schedules import base_lr, scale_lr, unwrap_optimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -33,12 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["LRFinder", "find_lr"]
 
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
-
-
-def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # AcceleratedOptimizer
-    return optimizer
 
 
 def suggest_lr(lrs: list[float], losses: list[float], method: str = "minimum", skip: int | None = None) -> float:
@@ -160,7 +155,7 @@ class LRFinder:
             lr = start_lr * (end_lr / start_lr) ** (k / (num_steps - 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            _inner(optimizer).zero_grad(set_to_none=True)
+            unwrap_optimizer(optimizer).zero_grad(set_to_none=True)
             loss = None
             for _ in range(1000):  # a loader whose every batch gives None must not hang
                 loss = self._loss(forward_fn, next(batches))
@@ -221,7 +216,7 @@ class LRFinder:
     # ------------------------------------------------------------------ save / restore
     def _save(self, loader: Iterable) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad or not self.trainable_only]
-        optimizer = _inner(self.optimizer)
+        optimizer = unwrap_optimizer(self.optimizer)
         generators = [g for g in (getattr(loader, "generator", None),
                                   getattr(getattr(loader, "sampler", None), "generator", None))
                       if isinstance(g, torch.Generator)]
@@ -244,7 +239,7 @@ class LRFinder:
         return saved
 
     def _restore(self, saved: dict[str, Any]) -> None:
-        optimizer = _inner(self.optimizer)
+        optimizer = unwrap_optimizer(self.optimizer)
         with torch.no_grad():
             for p, value in saved["params"]:
                 p.copy_(value)
@@ -313,43 +308,29 @@ def find_lr(trainer: BaseTrainer, *, apply: bool = False, plot: str | Path | Non
         >>> lr = find_lr(trainer, end_lr=1.0, apply=True)
         >>> trainer.train()
     """
-    trainer._build()
+    trainer.build()
     acc = trainer.accelerator
-    if trainer.grad_scaler is not None or acc.distributed_type == DistributedType.DEEPSPEED:
+    if trainer.grad_scaler is not None or trainer.engine_kind == "deepspeed":
         raise ValueError("find_lr does not support fp16 loss scaling or DeepSpeed: run it in bf16/fp32 without DeepSpeed")
     if isinstance(trainer.data_loader, Iterator):
         raise ValueError("find_lr needs a re-iterable data loader, not a one-shot iterator")
 
     def forward(model: torch.nn.Module, batch: Any) -> torch.Tensor | None:
-        with trainer._autocast():
+        with trainer.autocast():
             loss, _ = trainer.forward(batch)
-        if loss is not None and trainer._items_mode:
+        if loss is not None and trainer.counts_items:
             loss = loss / torch.as_tensor(trainer.count_loss_items(batch), device=loss.device).clamp(min=1)
         return loss
 
-    data_state = trainer._data.state_dict()
+    data_state = trainer.data.state_dict()
     finder = LRFinder(trainer.model, trainer.optimizer, device=trainer.device, trainable_only=trainable_only,
                       accelerator=acc)
     try:
         lr = finder.find(trainer.data_loader, forward_fn=forward, **kwargs)
     finally:
-        trainer._data.load_state_dict(data_state)
+        trainer.data.load_state_dict(data_state)
     if plot is not None and trainer.is_main_process:
         finder.plot(plot)
-    if apply:
-        _set_base_lr(trainer, lr)
+    if apply:  # group 0's base LR becomes the suggestion; the groups keep their ratios
+        scale_lr(trainer, lr / base_lr(trainer))
     return lr
-
-
-def _set_base_lr(trainer: BaseTrainer, lr: float) -> None:
-    optimizer = _inner(trainer.optimizer)
-    scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
-    base = scheduler.base_lrs[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
-    ratio = lr / base
-    for group in optimizer.param_groups:
-        group["lr"] *= ratio
-        if "initial_lr" in group:
-            group["initial_lr"] *= ratio
-    if scheduler is not None:
-        scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

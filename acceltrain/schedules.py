@@ -22,6 +22,10 @@ of such objects (never of plain functions), so its fields, including the ``multi
 :func:`reduce_lr` / :func:`surge_lr` change, are part of the checkpoint and a resumed run
 continues exactly.
 
+This module is also the one place that unwraps Accelerate's optimizer and scheduler wrappers
+(:func:`unwrap_optimizer`, :func:`unwrap_scheduler`) and rescales a run's LR (:func:`scale_lr`,
+which the LR finder and ``GuardHook`` use too).
+
 Example:
     >>> opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     >>> sched = build_schedule(opt, "cosine", total_steps=10_000, warmup_ratio=0.01, min_lr_ratio=0.1)
@@ -36,6 +40,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 
@@ -52,7 +58,8 @@ def _hf() -> SimpleNamespace:
                            wsd=hf._get_wsd_scheduler_lambda)
 
 
-__all__ = ["SCHEDULES", "Schedule", "build_schedule", "reduce_lr", "surge_lr", "scale_lr"]
+__all__ = ["SCHEDULES", "Schedule", "build_schedule", "reduce_lr", "surge_lr", "scale_lr", "base_lr",
+           "unwrap_optimizer", "unwrap_scheduler"]
 
 #: Schedule names and the extra keyword arguments each accepts.
 SCHEDULES: dict[str, tuple[str, ...]] = {
@@ -190,18 +197,58 @@ def build_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int
     return LambdaLR(optimizer, schedule)
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The plain torch optimizer under Accelerate's ``AcceleratedOptimizer`` wrappers (None stays None).
+
+    The trainer's hot path and everything that reads or edits optimizer state use it:
+    ``AcceleratedOptimizer.step`` searches the file system for optional packages on every call.
+    """
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def unwrap_scheduler(scheduler: Any) -> Any:
+    """The plain LR scheduler under Accelerate's ``AcceleratedScheduler`` wrappers (None stays None)."""
+    while isinstance(scheduler, AcceleratedScheduler):
+        scheduler = scheduler.scheduler
+    return scheduler
+
+
 def _unwrap(target: Any) -> tuple[torch.optim.Optimizer, LRScheduler | None]:
     """(optimizer, scheduler or None) from an optimizer, a scheduler, Accelerate wrappers or a trainer."""
     if hasattr(target, "lr_scheduler") and hasattr(target, "optimizer"):  # a BaseTrainer
         target = target.lr_scheduler if target.lr_scheduler is not None else target.optimizer
-    target = getattr(target, "scheduler", target)  # AcceleratedScheduler
+    target = unwrap_scheduler(target)
     if isinstance(target, LRScheduler):
-        return target.optimizer, target
+        return unwrap_optimizer(target.optimizer), target
     while not isinstance(target, torch.optim.Optimizer) and hasattr(target, "optimizer"):
-        target = target.optimizer  # AcceleratedOptimizer
+        target = target.optimizer  # e.g. a scheduler that is not a torch LRScheduler
+    target = unwrap_optimizer(target)
     if isinstance(target, torch.optim.Optimizer):
         return target, None
     raise TypeError(f"expected an optimizer, an LR scheduler or a trainer, got {type(target).__name__}")
+
+
+def _our_schedules(scheduler: LRScheduler) -> list[Schedule] | None:
+    """The distinct :class:`Schedule` objects of a LambdaLR made only of them, else None."""
+    lambdas = getattr(scheduler, "lr_lambdas", [])
+    ours = {id(f): f for f in lambdas if isinstance(f, Schedule)}  # one object may serve every group
+    return list(ours.values()) if ours and len(ours) == len({id(f) for f in lambdas}) else None
+
+
+def base_lr(target: Any) -> float:
+    """The first param group's LR before the schedule's factor: what :func:`scale_lr` multiplies
+    (``base_lrs[0]`` times the :class:`Schedule` multiplier; without a scheduler, the group's LR).
+
+    Example:
+        >>> scale_lr(trainer, 1e-3 / base_lr(trainer))  # group 0's base LR becomes 1e-3
+    """
+    optimizer, scheduler = _unwrap(target)
+    if scheduler is None or not hasattr(scheduler, "base_lrs"):
+        return float(optimizer.param_groups[0]["lr"])
+    ours = _our_schedules(scheduler)
+    return float(scheduler.base_lrs[0] * (scheduler.lr_lambdas[0].multiplier if ours else 1.0))
 
 
 def scale_lr(target: Any, factor: float) -> float:
@@ -224,16 +271,19 @@ def scale_lr(target: Any, factor: float) -> float:
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
         raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
     optimizer, scheduler = _unwrap(target)
+    base_lrs = False  # the scheduler's base_lrs (and the groups' initial_lr they came from) scale
     if scheduler is not None:
-        lambdas = getattr(scheduler, "lr_lambdas", [])
-        ours = {id(f): f for f in lambdas if isinstance(f, Schedule)}  # one object may serve every group
-        if ours and len(ours) == len({id(f) for f in lambdas}):
-            for schedule in ours.values():
+        ours = _our_schedules(scheduler)
+        if ours:
+            for schedule in ours:
                 schedule.multiplier *= factor
-        else:
+        elif hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            base_lrs = True
     for group in optimizer.param_groups:
         group["lr"] = group["lr"] * factor  # the next update already uses the new LR
+        if base_lrs and "initial_lr" in group:  # what a scheduler built again later starts from
+            group["initial_lr"] = group["initial_lr"] * factor
     if scheduler is not None:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return float(optimizer.param_groups[0]["lr"])

@@ -2,45 +2,36 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import datetime
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType
 from torch.nn.parallel import DistributedDataParallel
 
-from .data_stream import EXHAUSTED, DataStream
-from .engine import PLAIN_GRADS, GradientOps
-from .hooks.base import EVENTS, BaseHook
+from .accelerator_setup import check_collective_timeout, destroy_process_group, make_accelerator
+from .data_stream import DataStream
+from .gradients import PLAIN_GRADS, GradientOps, no_context
+from .hooks.base import BaseHook, StepInfo, hook_states, load_hook_states
+from .non_finite import MAX_SCALER_BACKOFFS, NonFiniteChecks, NonFiniteError
 from .signals import EarlyExit
-from .utils import folder_problem, key_average
+from .trainer_build import BuildStep
+from .utils import folder_problem, mean_records
 from .watchdog import collective_timeout as _loop_timeout
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~50 MiB: imported when a state is taken
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-__all__ = ["BaseTrainer", "NonFiniteError"]
-
-# The fp16 scaler halves its scale on every overflow; past this many overflows in a row the
-# scale is below 2**-48 and the model, not the scale, is the problem.
-_MAX_SCALER_BACKOFFS = 64
+__all__ = ["BaseTrainer", "NonFiniteError", "StepInfo"]
 
 
-class NonFiniteError(RuntimeError):
-    """Gradients (or the loss) stayed non-finite after every allowed retry."""
-
-
-class BaseTrainer(GradientOps):
+class BaseTrainer(BuildStep, GradientOps, NonFiniteChecks):
     """A hook-driven training loop on Hugging Face Accelerate (the ``mini.trainer`` API).
 
     Subclass it and implement ``build_data_loader``, ``build_model``, ``build_optimizer`` and
@@ -48,29 +39,8 @@ class BaseTrainer(GradientOps):
     One step is one optimizer update over ``gradient_accumulation_steps`` micro-batches.
 
     Host syncs: a step reads nothing from the device on the host unless some hook reads it
-    (``BaseHook.reads_step``: a logging hook on its logging steps, a hook that inspects the
-    update in ``on_before_optimizer_step`` on every step). The non-finite check then works as
-    follows (``defer_non_finite``):
-
-    - On a step some hook reads (and wherever deferral does not apply) the finite flag is read
-      on the host (one read, together with the flags of earlier quiet steps): a non-finite
-      attempt is discarded and redone with fresh micro-batches, neither the step counter nor
-      the scheduler advances, and ``step_info["non_finite_retries"]``/``["skipped_batches"]``
-      say so; an fp16 overflow lowers the scale and redoes the step without spending a retry.
-    - On a *quiet* step (no hook reads it, one process, plain gradients, and an optimizer
-      that takes ``found_inf``: torch's fused Adam, AdamW, SGD, Adagrad) the flag stays on the
-      device: ``found_inf = not isfinite(grad_norm)`` goes to the fused kernel (or to the
-      GradScaler's own found_inf path), which leaves weights, moments and the optimizer's step
-      count untouched when it is set, as ``torch.amp`` does. The host cannot know, so such a
-      skipped step still counts: ``trainer.step`` and the scheduler advance and the next step
-      draws fresh batches, which is the retry. ``step_info["found_inf"]`` holds the device flag.
-      The flags are read at the next step a hook reads (at the latest every 100 steps, at the
-      end of training and in ``state_dict()``): skipped steps are logged as a warning and
-      reported in that step's ``step_info["skipped_steps"]``/``["skipped_batches"]``, and more
-      than ``max_non_finite_grad_retries`` skipped steps in a row raise ``NonFiniteError``
-      naming them.
-    - Several processes (DDP, FSDP, DeepSpeed) read the per-step agreement on the host (one
-      read per step): it carries stop requests and loss counts the host needs at once.
+    (``BaseHook.reads_step``); on a quiet step of one process the non-finite check stays on the
+    device and the optimizer skips a bad update there (see :mod:`acceltrain.non_finite`).
 
     Args:
         max_steps: Number of optimizer updates to train for.
@@ -95,11 +65,27 @@ class BaseTrainer(GradientOps):
         collective_timeout: Seconds a collective in the step loop may wait for its peers before
             it raises (multi-process runs; ``None`` keeps the process group's own, 10-30 min).
             Setup (data preparation on one rank, checkpoint loading) keeps the longer one.
-        defer_non_finite: Keep the finite flag on the device on quiet steps (see "Host syncs"
-            above); ``False`` reads it on the host every step and always redoes a bad step in place.
+        defer_non_finite: Keep the finite flag on the device on quiet steps (see
+            :mod:`acceltrain.non_finite`); ``False`` reads it on the host every step and always
+            redoes a bad step in place.
         allow_global_batch_change: On a resume with another number of processes whose samples
             per step no accumulation can keep, continue with the new global batch (logged)
             instead of refusing (see :mod:`acceltrain.elastic`).
+
+    What hooks and tools may use besides the build contract (all public; "built" means after
+    :meth:`build`, which :meth:`train` calls first):
+
+    - ``model``, ``optimizer``, ``lr_scheduler``: the prepared (wrapped) objects; ``unwrapped_model``
+      the plain module; ``unwrapped_optimizer``/``unwrapped_scheduler`` the plain torch optimizer and
+      scheduler under Accelerate's wrappers (what the step loop steps; read and edit state there);
+      ``trainable_parameters`` the list of parameters with ``requires_grad`` (None and [] before
+      building); :meth:`set_gradient_accumulation_steps` after building.
+    - :meth:`autocast` (the run's precision context), ``engine_kind``, ``counts_items``, ``data``
+      (the data position), ``step``, ``step_info`` (:class:`StepInfo`), :meth:`step_figures`.
+    - Stopping: :meth:`request_stop`, ``should_stop``, ``stop_requested``, ``stop_reason``,
+      ``stopped_by_signal``, ``exit_code``; steering an update: :meth:`skip_step`.
+    - Driving the loop yourself (benchmarks): :meth:`build`, :meth:`call_hooks`,
+      :meth:`run_step`, :meth:`index_hooks` after changing ``hooks``.
 
     Example:
         >>> class MyTrainer(BaseTrainer):
@@ -163,7 +149,7 @@ class BaseTrainer(GradientOps):
         if problem:
             raise ValueError(f"workspace {self.workspace}: {problem}")
 
-        self.accelerator = accelerator or self._make_accelerator(mixed_precision, device, accelerator_kwargs)
+        self.accelerator = accelerator or make_accelerator(mixed_precision, device, accelerator_kwargs)
         self.mixed_precision = None if self.accelerator.mixed_precision == "no" else self.accelerator.mixed_precision
         if self.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             raise ValueError(
@@ -171,19 +157,30 @@ class BaseTrainer(GradientOps):
                 "or loss scaling (silently fp32); use mixed_precision='bf16' on the CPU"
             )
         self.device = self.accelerator.device
-        self.collective_timeout = self._guard_processes(collective_timeout)
+        self.collective_timeout = check_collective_timeout(collective_timeout, self.accelerator)
+        self._autocast: Callable[[], Any] = self.accelerator.autocast if self.mixed_precision is not None else no_context
+        self._counts_items = type(self).count_loss_items is not BaseTrainer.count_loss_items
 
         self.step = 0
-        self.step_info: dict[str, Any] = {}
+        self.step_info: StepInfo = {}
+        self._figures: tuple[dict, int, dict[str, Any]] | None = None  # step_figures() of this step_info
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: Any = None
+        #: The plain torch optimizer/scheduler under Accelerate's wrappers (set by build()).
+        self.unwrapped_optimizer: torch.optim.Optimizer | None = None
+        self.unwrapped_scheduler: Any = None
+        #: The model's parameters with ``requires_grad``, in ``model.parameters()`` order (build()).
+        self.trainable_parameters: list[torch.nn.Parameter] = []
         self.grad_scaler: torch.amp.GradScaler | None = None
         self.data_loader: Iterable | None = None
         self.eval_data_loader: torch.utils.data.DataLoader | None = None
         self.hooks: list[BaseHook] = []
         self.should_stop = False
         self.stop_reason: str | None = None
+        # A signal (preemption, cancel) stops this run: set at once on the rank that received it
+        # (request_stop(by_signal=True)), on the others by CheckpointingHook.on_after_train.
+        self.stopped_by_signal = False
         self.exit_code: int | None = None  # set by a hook (e.g. after a signal): train() exits with it
         self._skip_reason: str | None = None
         self._stop_local = False
@@ -235,7 +232,7 @@ class BaseTrainer(GradientOps):
         Runs under ``no_grad``, autocast and ``model.eval()``; override it for metrics that must
         be weighted by items rather than samples (the causal-LM recipe's token perplexity)."""
         loss, records = self.forward(batch)
-        if loss is not None and self._items_mode:
+        if loss is not None and self._counts_items:
             # forward returns sums in this mode: report the batch's mean per item.
             loss = loss / max(float(self.count_loss_items(batch)), 1.0)
         return {**records, "loss": loss} if loss is not None else dict(records)
@@ -275,21 +272,21 @@ class BaseTrainer(GradientOps):
         early = self._early_exit
         early.install()
         try:
-            self._build()
+            self.build()
         except BaseException:
             early.release()
             raise
         finished = in_loop = False
         try:
-            self._call_hook("on_before_train")
+            self.call_hooks("on_before_train")
             early.release()  # training has begun: a CheckpointingHook has installed its own handlers
             with _loop_timeout(self.collective_timeout if self._sync_needed else None):
                 in_loop = True
                 while self.step < self.max_steps and not self.should_stop:
-                    self._run_step()
+                    self.run_step()
                 in_loop = False
             self._settle_pending()  # device-side skips are reported (or raise) before the run ends
-            self._call_hook("on_after_train")
+            self.call_hooks("on_after_train")
             finished = True
         finally:
             # Raised inside the step loop, where a peer may be gone: close() skips its barriers.
@@ -298,7 +295,7 @@ class BaseTrainer(GradientOps):
                 self.accelerator.wait_for_everyone()
             for tracker in self.accelerator.trackers:
                 tracker.finish()
-            self._call_hook("on_teardown")  # also after an exception: hooks release what they hold
+            self.call_hooks("on_teardown")  # also after an exception: hooks release what they hold
             early.release()
         if self.exit_code is not None:
             raise SystemExit(self.exit_code)
@@ -314,7 +311,7 @@ class BaseTrainer(GradientOps):
         if acc.num_processes > 1 and torch.distributed.is_initialized() and not failed:
             acc.wait_for_everyone()
         acc.end_training()
-        _destroy_process_group(meet=not failed)
+        destroy_process_group(meet=not failed)
 
     def state_dict(self) -> dict[str, Any]:
         """The full training state: model, optimizer, scheduler, scaler, step, hooks.
@@ -329,17 +326,17 @@ class BaseTrainer(GradientOps):
         else:
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_sd, optim_sd = get_state_dict(self.model, self._inner_optimizer, options=self.state_dict_options)
+            model_sd, optim_sd = get_state_dict(self.model, self.unwrapped_optimizer, options=self.state_dict_options)
         state: dict[str, Any] = {
             "step": self.step,
             "model": model_sd,
             "optimizer": optim_sd,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "hooks": self._hook_states(),
+            "hooks": hook_states(self.hooks),
             "data": self._data.state_dict(),
         }
-        self._call_hook("on_state_dict", state)
+        self.call_hooks("on_state_dict", state)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any], *, strict_data: bool = True,
@@ -363,7 +360,7 @@ class BaseTrainer(GradientOps):
                 options = StateDictOptions(full_state_dict=True, strict=getattr(options, "strict", True))
             set_state_dict(
                 self.model,
-                self._inner_optimizer,
+                self.unwrapped_optimizer,
                 model_state_dict=state_dict["model"],
                 optim_state_dict=state_dict["optimizer"],
                 options=options,
@@ -374,31 +371,38 @@ class BaseTrainer(GradientOps):
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         self.step = int(state_dict["step"])
         self._data.load_state_dict(state_dict.get("data"), strict=strict_data)
-        self._load_hook_states(state_dict.get("hooks") or {})
-        self._call_hook("on_load_state_dict", state_dict)
+        load_hook_states(self.hooks, state_dict.get("hooks") or {})
+        self.call_hooks("on_load_state_dict", state_dict)
 
-    def _set_gradient_accumulation_steps(self, accumulation: int) -> None:
-        """Change the micro-batches per step after building (a resume on another world size)."""
-        self.gradient_accumulation_steps = accumulation
-        self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and accumulation > 1
-                             and not self._deepspeed)
+    def log(self, records: dict[str, Any], not_main_process: bool | None = None, *,
+            dry_run: bool | None = None) -> None:
+        """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this). Call it on
+        every rank; ``not_main_process`` (default: whether this is not the main process; the
+        seed's name for it, ``dry_run``, is accepted too) tells hooks not to write."""
+        self.call_hooks("on_log", records, self._not_main(not_main_process, dry_run))
 
-    def log(self, records: dict[str, Any], dry_run: bool = False) -> None:
-        """Send aggregated records to the hooks' ``on_log`` (LoggingHook calls this)."""
-        self._call_hook("on_log", records, dry_run)
-
-    def log_images(self, records: dict[str, Any], dry_run: bool = False) -> None:
+    def log_images(self, records: dict[str, Any], not_main_process: bool | None = None, *,
+                   dry_run: bool | None = None) -> None:
         """Send images (PIL images, HWC/CHW arrays or tensors) to the hooks' ``on_log_images``."""
-        self._call_hook("on_log_images", records, dry_run)
+        self.call_hooks("on_log_images", records, self._not_main(not_main_process, dry_run))
 
-    def request_stop(self, reason: str, *, local: bool = False) -> None:
+    def _not_main(self, not_main_process: bool | None, dry_run: bool | None) -> bool:
+        if not_main_process is None:
+            not_main_process = dry_run
+        return not self.is_main_process if not_main_process is None else bool(not_main_process)
+
+    def request_stop(self, reason: str, *, local: bool = False, by_signal: bool = False) -> None:
         """Stop after the current step.
 
         Call it on every rank at the same step (for example from metrics reduced across
         ranks). A rank-local reason, such as a signal, passes ``local=True``: the ranks agree
         on it in the next step's collective, so all of them stop after the same step.
+        ``by_signal=True`` (CheckpointingHook's signal handler) sets ``stopped_by_signal``: the run
+        is being preempted or cancelled, not finished (``ExportHook`` then exports nothing).
         """
         self.stop_reason = self.stop_reason or reason
+        if by_signal:
+            self.stopped_by_signal = True
         if local and self.accelerator.num_processes > 1:
             self._stop_local = True
         else:
@@ -430,10 +434,6 @@ class BaseTrainer(GradientOps):
         called. Call it on every rank alike (decide from reduced values)."""
         self._skip_reason = reason
 
-    def _recovered(self, why: str, skipped: list[int]) -> bool:
-        """Retries are spent: a hook (e.g. GuardHook) may roll back and return True to go on."""
-        return any(hook.on_non_finite(self, why, skipped) for hook in self._hooks_for["on_non_finite"])
-
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module under DDP/FSDP/DeepSpeed/``torch.compile`` wrappers."""
         if "deepspeed" in sys.modules:
@@ -451,8 +451,66 @@ class BaseTrainer(GradientOps):
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
+        """The plain module under the prepared ``model`` (built trainers only)."""
         self._require_built("unwrapped_model")
         return self.unwrap(self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the trainer runs ``forward`` in: Accelerate's autocast with mixed
+        precision, else a no-op (use it for extra forwards, e.g. in a hook)."""
+        return self._autocast()
+
+    @property
+    def engine_kind(self) -> str:
+        """How the model is distributed: ``"single"`` (one process), ``"ddp"`` (replicas on several
+        processes), ``"fsdp2"`` (or ``"fsdp"`` for FSDP1), ``"deepspeed"``; another Accelerate
+        type is its lower-case name. Known from the Accelerator, before building."""
+        acc = self.accelerator
+        kind = acc.distributed_type
+        if kind in PLAIN_GRADS:
+            return "single" if acc.num_processes == 1 else "ddp"
+        if kind == DistributedType.FSDP:
+            plugin = acc.state.fsdp_plugin
+            return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp"
+        if kind == DistributedType.DEEPSPEED:
+            return "deepspeed"
+        return kind.value.lower()
+
+    @property
+    def counts_items(self) -> bool:
+        """Whether losses are normalised by items: the subclass overrides
+        :meth:`count_loss_items`, so ``forward`` returns per-item *sums* (else it returns means)."""
+        return self._counts_items
+
+    @property
+    def data(self) -> DataStream | None:
+        """The training data's state once built (None before): ``position`` (sampler, batch size,
+        seed; None for iterables), ``epoch``, ``batches_drawn``, ``state_dict()`` and
+        ``load_state_dict(state)``, which is how checkpoints and the LR finder save and put back
+        the data position."""
+        return self._data
+
+    @property
+    def stop_requested(self) -> bool:
+        """True from the moment this rank called ``request_stop(..., local=True)`` (a signal
+        here) in a multi-process run: the request is rank-local until the next step's
+        collective agreement, which sets ``should_stop`` on every rank. It is never cleared, and
+        is False with one process (there a local request sets ``should_stop`` at once). "Has any
+        stop been asked for on this rank" is ``should_stop or stop_requested``."""
+        return self._stop_local
+
+    def step_figures(self) -> dict[str, Any]:
+        """This step's numbers worth aggregating (``hooks.logging.step_figures`` of
+        ``step_info``), computed once per step for all hooks and again only when a hook adds a
+        key; tensors stay tensors, so nothing is read on the host. Treat it as read-only."""
+        from .hooks.logging import step_figures
+
+        info, cached = self.step_info, self._figures
+        if cached is not None and cached[0] is info and cached[1] == len(info):
+            return cached[2]
+        figures = step_figures(info)
+        self._figures = (info, len(info), figures)
+        return figures
 
     @property
     def epoch(self) -> int:
@@ -463,206 +521,25 @@ class BaseTrainer(GradientOps):
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
-    # ------------------------------------------------------------------ building
-    def _build(self) -> None:
-        if self._built:
-            return
-        acc = self.accelerator
-        if self.workspace is not None and acc.is_main_process:
-            self.workspace.mkdir(parents=True, exist_ok=True)
-        self.model = self.build_model()
-        if not isinstance(self.model, torch.nn.Module):
-            raise TypeError(f"build_model() must return a torch.nn.Module, got {type(self.model).__name__}")
-        self.optimizer = self.build_optimizer()
-        self.lr_scheduler = self.build_lr_scheduler()
-        scaler = self.build_grad_scaler()
-        if scaler is not None and scaler is not acc.scaler:
-            acc.scaler = scaler  # prepare() hands it to the AcceleratedOptimizer
-        data = self.build_data_loader()
-        self._deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if self._deepspeed:
-            self._configure_deepspeed(data)
-        objects = [self.model, self.optimizer]
-        # Under DeepSpeed the scheduler stays ours: given to prepare(), the engine would step it too.
-        if self.lr_scheduler is not None and not self._deepspeed:
-            objects.append(self.lr_scheduler)
-        prepared = list(acc.prepare(*objects))
-        self.model, self.optimizer = prepared[0], prepared[1]
-        if len(prepared) > 2:
-            self.lr_scheduler = prepared[2]
-        self._data = DataStream(data, acc, self.data_seed)
-        self.data_loader = self._data.loader
-        eval_loader = self.build_eval_data_loader()
-        if eval_loader is not None:
-            if not isinstance(eval_loader, torch.utils.data.DataLoader) or isinstance(
-                eval_loader.dataset, torch.utils.data.IterableDataset
-            ):
-                raise TypeError("build_eval_data_loader() must return a DataLoader over a map-style dataset")
-            from .evaluation import shard_eval_loader
-
-            eval_loader = shard_eval_loader(eval_loader, acc.num_processes, acc.process_index)
-        self.eval_data_loader = eval_loader
-        self.grad_scaler = acc.scaler
-
-        # The hot path talks to the plain optimizer and scheduler: AcceleratedOptimizer.step
-        # re-searches the file system for optional packages on every call (~15% of a tiny step).
-        opt = self.optimizer
-        while isinstance(opt, AcceleratedOptimizer):
-            opt = opt.optimizer
-        self._inner_optimizer = opt
-        sched = self.lr_scheduler
-        self._inner_scheduler = sched.scheduler if isinstance(sched, AcceleratedScheduler) else sched
-        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._fast_path = acc.distributed_type in PLAIN_GRADS
-        self._sync_needed = acc.num_processes > 1
-        # DeepSpeed decides gradient reduction from the accumulation boundary we set instead.
-        self._use_no_sync = (self.no_sync_accumulate and self._sync_needed and self.gradient_accumulation_steps > 1
-                             and not self._deepspeed)
-        self._autocast = acc.autocast if self.mixed_precision is not None else _no_context
-        self._world = acc.num_processes
-        self._items_mode = type(self).count_loss_items is not BaseTrainer.count_loss_items
-        self.loss_items: torch.Tensor | None = None
-        # Where the engine's own gradient reduction already makes every rank see the same
-        # non-finite gradients (DDP's all-reduce of every parameter, FSDP's and DeepSpeed's
-        # global norms), the per-step agreement only has to count losses and stop requests: both
-        # are known before the last backward, so it runs asynchronously beside it instead of
-        # adding a rendezvous after clipping (measured: ~3% of a 25 ms step on 2 gloo ranks).
-        ddp = isinstance(self.model, DistributedDataParallel)
-        self._agree_early = self._sync_needed and (
-            self._deepspeed or not self._fast_path or ddp and not self.model.parameters_to_ignore)
-        self._agreement: tuple[torch.Tensor, Any] | None = None
-        # Quiet steps keep the finite flag on the device: only where the optimizer itself can
-        # skip an update from a device flag (found_inf) and no other rank needs the answer.
-        self._defer = (self.defer_non_finite and self._fast_path and not self._sync_needed
-                       and bool(getattr(self._inner_optimizer, "_step_supports_amp_scaling", False)))
-
-        self.hooks = list(self.build_hooks() or [])
-        for hook in self.hooks:
-            if not isinstance(hook, BaseHook):
-                raise TypeError(f"build_hooks() returned {type(hook).__name__}, which is not a BaseHook")
-        self._index_hooks()
-        self._built = True
-        if acc.num_processes > 1:
-            atexit.register(_destroy_process_group)
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
-
-    def _index_hooks(self) -> None:
-        # Only the hooks that override an event are called for it.
-        self._hooks_for = {
-            name: [h for h in self.hooks if getattr(type(h), name) is not getattr(BaseHook, name)]
-            for name in EVENTS
-        }
-        # BaseHook.reads_step depends only on the class: decided once, not asked every step.
-        self._step_readers = [h for h in self.hooks if type(h).reads_step is not BaseHook.reads_step]
-        self._reads_every_step = any(BaseHook.reads_step(h, self, 0) for h in self.hooks
-                                     if type(h).reads_step is BaseHook.reads_step)
-
     def _require_built(self, what: str) -> None:
         if not self._built:
-            raise RuntimeError(f"{what} needs the model and optimizer: call train() (or _build()) first")
+            raise RuntimeError(f"{what} needs the model and optimizer: call train() (or build()) first")
 
     # ------------------------------------------------------------------ hooks
-    def _call_hook(self, name: str, *args: Any) -> None:
+    def call_hooks(self, name: str, *args: Any) -> None:
+        """Send event ``name`` (one of ``EVENTS``) to every hook that overrides it, in list order,
+        as the loop does (for code that drives the loop itself: ``call_hooks("on_before_train")``)."""
         for hook in self._hooks_for[name]:
             getattr(hook, name)(self, *args)
 
-    def _hook_keys(self) -> list[tuple[str, BaseHook]]:
-        keys, seen = [], {}
-        for hook in self.hooks:
-            name = type(hook).__name__
-            seen[name] = seen.get(name, -1) + 1
-            keys.append((name if seen[name] == 0 else f"{name}_{seen[name]}", hook))
-        return keys
-
-    def _hook_states(self) -> dict[str, Any]:
-        states = {}
-        for key, hook in self._hook_keys():
-            state = hook.state_dict()
-            if state is not None:
-                states[key] = state
-        return states
-
-    def _load_hook_states(self, states: dict[str, Any]) -> None:
-        for key, hook in self._hook_keys():
-            if key in states:
-                hook.load_state_dict(states[key])
-
     # ------------------------------------------------------------------ the step
-    def _micro_steps(self) -> tuple[torch.Tensor | None, int, list[dict], list[int], float]:
-        """Run one accumulation window: forward and backward over its micro-batches."""
-        k = self.gradient_accumulation_steps
-        t0 = time.perf_counter()
-        batches = []
-        for _ in range(k):
-            batch = self._data.next()
-            if batch is EXHAUSTED:
-                break
-            batches.append(batch)
-        data_time = time.perf_counter() - t0
-        positions = list(range(self._data.batches_drawn - len(batches), self._data.batches_drawn))
-        if self._items_mode and batches:
-            # Normalise by the items (e.g. valid tokens) of the whole window on all ranks, not by
-            # micro-batch count: forward returns sums; W undoes DDP's gradient averaging.
-            items = sum(torch.as_tensor(self.count_loss_items(b), dtype=torch.float32, device=self.device)
-                        for b in batches)
-            # Summed across ranks while the first forward runs; waited for before its backward.
-            items_work = torch.distributed.all_reduce(items, async_op=True) if self._sync_needed else None
-            self.loss_items = items
-            scale = None
-        else:
-            items_work, scale = None, 1.0 / k
-        unit = k == 1 and not self._items_mode  # then no `loss * 1.0` kernel per micro-batch
-        loss_sum: torch.Tensor | None = None
-        contributed = 0
-        records: list[dict] = []
-        last = len(batches) - 1
-        for micro, batch in enumerate(batches):
-            sync_ctx = (
-                self.accelerator.no_sync(self.model)
-                if self._use_no_sync and micro < last
-                else _NO_CONTEXT
-            )
-            with sync_ctx:
-                with self._autocast():
-                    loss, rec = self.forward(batch)
-                if rec:
-                    records.append(rec)
-                if loss is None and self._use_no_sync and micro == last and contributed:
-                    # Gradients of this window were accumulated under no_sync and only the
-                    # last backward would all-reduce them: stepping now would let replicas drift.
-                    raise ValueError(
-                        f"step {self.step + 1}: forward() returned None on the last micro-batch of an "
-                        "accumulation window after earlier ones returned a loss; under DDP/FSDP the "
-                        "gradients are synchronised by that last backward: return a zero loss there "
-                        "(e.g. 0 * output.sum()) instead of None")
-                if micro == last and self._agree_early:
-                    self._start_agreement(contributed + (loss is not None))
-                if loss is None:
-                    continue
-                if scale is None:  # items mode, first loss of the window
-                    if items_work is not None:
-                        items_work.wait()
-                        items_work = None
-                    scale = self._world / items.clamp(min=1)
-                if self._deepspeed:
-                    # The engine divides by its gradient_accumulation_steps (= k) itself.
-                    self.model.set_gradient_accumulation_boundary(micro == len(batches) - 1)
-                    self.model.backward(loss * (scale * k))
-                else:
-                    self._backward(loss if unit else loss * scale)
-            contributed += 1
-            detached = loss.detach() * scale if self._items_mode else loss.detach()
-            loss_sum = detached if loss_sum is None else loss_sum + detached
-        if items_work is not None:  # items mode, and no micro-batch gave a loss
-            items_work.wait()
-        return loss_sum, contributed, records, positions, data_time
-
-    def _run_step(self) -> None:
+    def run_step(self) -> None:
+        """One optimizer step with its hook events, exactly what :meth:`train` loops over (for
+        benchmarks and drivers that own the loop: ``build()`` and ``on_before_train`` first)."""
         t_start = time.perf_counter()
         self.step_info = {}
-        self._call_hook("on_before_step")
+        self._figures = None
+        self.call_hooks("on_before_step")
         k = self.gradient_accumulation_steps
         expected = k * self._world
         retries = backoffs = 0
@@ -697,10 +574,10 @@ class BaseTrainer(GradientOps):
             if self.grad_scaler is not None and total > 0:
                 # The scaler unscaled this attempt's gradients: update() closes its bookkeeping
                 # (and lowers the scale). An fp16 overflow is the scaler's routine, not a
-                # fault, so the first _MAX_SCALER_BACKOFFS of them spend no retry.
+                # fault, so the first MAX_SCALER_BACKOFFS of them spend no retry.
                 self.grad_scaler.update()
                 backoffs += 1
-                if backoffs <= _MAX_SCALER_BACKOFFS:
+                if backoffs <= MAX_SCALER_BACKOFFS:
                     continue
             retries += 1
             self.logger.warning(
@@ -719,24 +596,16 @@ class BaseTrainer(GradientOps):
             if self._data.exhausted:
                 self.request_stop("data exhausted")
                 return
-        if total != expected and not self._items_mode and not self._deepspeed:
-            # Some micro-batches gave no loss (or the data ran out mid-window): each
-            # contributing micro-batch weighs 1/total, not 1/k, so nothing is under-scaled.
-            # Clipping already used the smaller norm; clipping again after the rescale gives
-            # exactly what clipping the rescaled gradients once would.
-            factor = expected / total
-            torch._foreach_mul_([p.grad for p in self._trainable if p.grad is not None], factor)
-            grad_norm = grad_norm * factor
-            if self.grad_clip is not None:
-                self._grad_norm(unscale=False)
+        if total != expected and not self._counts_items and not self._deepspeed:
+            grad_norm = self._reweigh_window(grad_norm, expected / total)
         info = self.step_info
-        info["loss"] = loss_sum if self._items_mode or contributed == 1 else loss_sum / contributed
+        info["loss"] = loss_sum if self._counts_items or contributed == 1 else loss_sum / contributed
         info["grad_norm"] = grad_norm
         info["batches"] = positions
         if found_inf is not None:
             info["found_inf"] = found_inf
         self._skip_reason = None
-        self._call_hook("on_before_optimizer_step")
+        self.call_hooks("on_before_optimizer_step")
         if self._skip_reason is not None:  # a hook vetoed this update (e.g. a loss spike)
             if self.grad_scaler is not None:
                 self.grad_scaler.update()  # its unscale_() of this step must be closed
@@ -744,14 +613,14 @@ class BaseTrainer(GradientOps):
             return
         if not self._deepspeed:  # the engine applied the update in _deepspeed_step
             self._optimizer_step(found_inf)
-        if self._inner_scheduler is not None:
-            self._inner_scheduler.step()
+        if self.unwrapped_scheduler is not None:
+            self.unwrapped_scheduler.step()
         self._zero_grad()
         self.step += 1
         if self._data.exhausted:
             self.request_stop("data exhausted")
-        info["lr"] = [group["lr"] for group in self._inner_optimizer.param_groups]
-        info["records"] = (records[0] if len(records) == 1 else _mean_records(records)) if records else {}
+        info["lr"] = [group["lr"] for group in self.unwrapped_optimizer.param_groups]
+        info["records"] = (records[0] if len(records) == 1 else mean_records(records)) if records else {}
         if found_inf is not None:
             self._pending_flags.append((self.step, positions, found_inf))
         else:  # decided on the host: finite (or redone until it was)
@@ -764,43 +633,4 @@ class BaseTrainer(GradientOps):
         info["skipped_batches"] = skipped
         info["data_time"] = data_time
         info["step_time"] = time.perf_counter() - t_start
-        self._call_hook("on_after_step")
-
-
-_EXIT_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
-
-
-def _no_context() -> contextlib.nullcontext:
-    return _NO_CONTEXT
-
-
-def _mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """key_average without host syncs: tensor values are averaged as tensors."""
-    keys: dict[str, list[Any]] = {}
-    for rec in records:
-        for key, value in rec.items():
-            keys.setdefault(key, []).append(value)
-    out: dict[str, Any] = {}
-    for key, values in keys.items():
-        if all(isinstance(v, dict) for v in values):
-            out[key] = _mean_records(values)
-        elif all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
-            out[key] = torch.stack([v.detach().reshape(()).float() for v in values]).mean()
-        else:
-            out.update(key_average([{key: v} for v in values]))
-    return out
-
-
-def _destroy_process_group(meet: bool = True) -> None:
-    # gloo aborts the interpreter at exit ("terminate called without an active exception") if
-    # the process group is still alive, and now and then when one rank tears it down while a
-    # peer still talks on it: meet first. A peer that died does not come; after the timeout the
-    # group goes anyway.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if meet and torch.distributed.get_backend() == "gloo":
-            try:
-                torch.distributed.monitored_barrier(timeout=_EXIT_BARRIER_TIMEOUT)
-            except RuntimeError:
-                pass
-        torch.distributed.destroy_process_group()
+        self.call_hooks("on_after_step")

@@ -26,6 +26,7 @@ __all__ = [
     "dedupe_tensors",
     "in_workspace",
     "folder_problem",
+    "mean_records",
 ]
 
 
@@ -224,4 +225,21 @@ def dedupe_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             continue
         seen.add(key)
         out[name] = tensor.detach().contiguous()
+    return out
+
+
+def mean_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """key_average without host syncs: tensor values are averaged as tensors."""
+    keys: dict[str, list[Any]] = {}
+    for rec in records:
+        for key, value in rec.items():
+            keys.setdefault(key, []).append(value)
+    out: dict[str, Any] = {}
+    for key, values in keys.items():
+        if all(isinstance(v, dict) for v in values):
+            out[key] = mean_records(values)
+        elif all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
+            out[key] = torch.stack([v.detach().reshape(()).float() for v in values]).mean()
+        else:
+            out.update(key_average([{key: v} for v in values]))
     return out

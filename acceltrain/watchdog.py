@@ -35,8 +35,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["LauncherWatchdog", "start_launcher_watchdog", "set_parent_death_signal", "collective_timeout",
-           "process_group_timeout"]
+__all__ = ["LauncherWatchdog", "start_launcher_watchdog", "launcher_gone", "set_parent_death_signal",
+           "collective_timeout", "process_group_timeout"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -83,6 +83,8 @@ class LauncherWatchdog:
         self.prctl_armed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._noticed = threading.Lock()  # the launcher's death is announced once
+        self._announced = False
 
     def start(self) -> LauncherWatchdog:
         """Record the current parent, arm the kernel signal and start the polling thread."""
@@ -99,16 +101,29 @@ class LauncherWatchdog:
         """Stop watching (the kernel signal stays armed: it cannot be told apart from others')."""
         self._stop.set()
 
+    def launcher_gone(self) -> bool:
+        """Whether the launcher is gone; the first call that finds it so says it on stderr.
+
+        The trainer's signal handler asks too: the kernel's SIGTERM (prctl) arrives at once, and a
+        rank that saves and exits before the next poll would otherwise never say why it stopped.
+        """
+        if self.parent_pid is None or os.getppid() == self.parent_pid:
+            return False
+        with self._noticed:
+            if not self._announced:
+                self._announced = True
+                _say(f"acceltrain watchdog: the launcher (pid {self.parent_pid}) of pid {os.getpid()} is gone; "
+                     f"sending {self.signum.name} to stop at the next step, forced exit in {self.grace:g} s")
+        return True
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval):
-            if os.getppid() != self.parent_pid:
+            if self.launcher_gone():
                 self._launcher_gone()
                 return
 
     def _launcher_gone(self) -> None:
         code = 128 + int(self.signum)
-        _say(f"acceltrain watchdog: the launcher (pid {self.parent_pid}) of pid {os.getpid()} is gone; "
-             f"sending {self.signum.name} to stop at the next step, forced exit in {self.grace:g} s")
         # Sent even when prctl fired already: a second SIGTERM only sets the same stop flag again.
         os.kill(os.getpid(), self.signum)
         if self._stop.wait(self.grace):
@@ -142,6 +157,11 @@ def start_launcher_watchdog(*, grace: float = 30.0) -> LauncherWatchdog | None:
     if _WATCHDOG is None:
         _WATCHDOG = LauncherWatchdog(grace=grace).start()
     return _WATCHDOG
+
+
+def launcher_gone() -> bool:
+    """Whether this process's launcher watchdog finds its launcher gone (announced once)."""
+    return _WATCHDOG is not None and _WATCHDOG.launcher_gone()
 
 
 def process_group_timeout(group: torch.distributed.ProcessGroup | None = None) -> datetime.timedelta | None:

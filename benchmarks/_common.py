@@ -34,6 +34,7 @@ __all__ = [
     "machine_info",
     "median",
     "peak_memory_mib",
+    "peak_rss_mib",
     "run_measured",
     "run_worker",
     "summarize",
@@ -127,19 +128,37 @@ class StepClock:
         return self.cpu_s / (self.elapsed * threads)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``. Not ``getrusage``'s ``ru_maxrss``, which keeps the
+    peak the process had before ``exec``: a row started by forking the benchmark's parent (which
+    holds torch and a model) would report the parent's size. Elsewhere ``ru_maxrss`` (KiB on
+    Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def peak_memory_mib(device_type: str) -> tuple[float, str]:
     """This process's peak memory in MiB, and which figure it is.
 
     On CUDA it is ``torch.cuda.max_memory_allocated`` (``"cuda_max_allocated"``); otherwise the
-    peak resident set size from ``getrusage`` (``"peak_rss"``; KiB on Linux, bytes on macOS),
-    which includes the interpreter and every imported library.
+    peak resident set size (``"peak_rss"``, :func:`peak_rss_mib`), which includes the interpreter
+    and every imported library.
     """
     if device_type == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak / 2**20 if sys.platform == "darwin" else peak / 2**10), "peak_rss"
+    return peak_rss_mib(), "peak_rss"
 
 
 def current_rss_mib() -> float:

@@ -19,7 +19,9 @@ Accelerate's ``skip_first_batches`` (which walks the skipped indices).
 With ``--resize`` (2 CPU ranks through torchrun, gloo), elastic resume: a checkpoint saved by
 2 ranks is loaded (``load_checkpoint``, verification included, the slowest rank timed) on 2
 ranks and on 1, under DDP (full tensors either way) and FSDP2 (2 -> 2 reads each rank's own
-shards; 2 -> 1 reads every shard and reassembles full tensors: the resharding read).
+shards; 2 -> 1 reads every shard and reassembles full tensors: the resharding read), and, when
+DeepSpeed is installed, ZeRO-2 (2 -> 1 re-partitions the saved optimizer shards per parameter,
+``acceltrain.zero_reshard``).
 """
 
 from __future__ import annotations
@@ -159,6 +161,13 @@ def resize_worker(mode: str, folder: Path, out: Path) -> None:
         from tests.helpers import cpu_fsdp2_accelerator
 
         placement = {"accelerator": cpu_fsdp2_accelerator()}
+    elif mode.startswith("zero"):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        plugin = DeepSpeedPlugin(zero_stage=int(mode[4]))
+        placement = {"accelerator": Accelerator(deepspeed_plugin=plugin, step_scheduler_with_optimizer=False,
+                                                kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])}
     else:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
@@ -170,7 +179,7 @@ def resize_worker(mode: str, folder: Path, out: Path) -> None:
         trainer.train()
         save_checkpoint(trainer, folder, background=False)
     else:
-        trainer._build()
+        trainer.build()
         acc.wait_for_everyone()
         seconds = torch.tensor([timed(lambda: load_checkpoint(trainer, next(folder.glob(STEP_GLOB))))])
         if acc.num_processes > 1:
@@ -187,15 +196,20 @@ def bench_resize(root: Path) -> dict[str, float]:
     from tests.conftest import free_port
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # DeepSpeed on CPU ranks: no ACCELERATE_USE_CPU (Accelerate would drop the plugin and run DDP).
+    ds_env = {**env, "ACCELERATE_USE_CPU": "false", "ACCELERATE_USE_DEEPSPEED": "true"}
 
     def launch(nproc: int, mode: str, folder: Path, out: Path) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "--master_addr=127.0.0.1", __file__, "--worker", mode, str(folder),
                str(out)]
-        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True)
+        subprocess.run(cmd, check=True, env=ds_env if mode.startswith("zero") else env,
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True)
+
+    import importlib.util
 
     rows: dict[str, float] = {}
-    for kind in ("ddp", "fsdp2"):
+    for kind in ("ddp", "fsdp2", *(("zero2",) if importlib.util.find_spec("deepspeed") else ())):
         folder = root / kind
         launch(2, f"{kind}-save", folder, root / "unused.json")
         for world in (2, 1):
@@ -212,7 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "checkpoint.json")
-    ap.add_argument("--resize", action="store_true", help="only the elastic-resume rows (2 -> 2 vs 2 -> 1 ranks)")
+    ap.add_argument("--resize", action="store_true", help="only the elastic-resume rows (2 -> 2 vs 2 -> 1 ranks; DDP, FSDP2, ZeRO-2)")
     args = ap.parse_args()
     if args.resize:
         with tempfile.TemporaryDirectory(dir="/tmp") as tmp:

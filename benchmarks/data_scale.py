@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import OtherLoad, emit_result, format_table, machine_info, run_worker, write_json
+from _common import OtherLoad, emit_result, format_table, machine_info, peak_rss_mib, run_worker, write_json
 
 _ROOT = Path(__file__).resolve().parents[1]
 _BARE_BYTES = 64_000_000
@@ -35,15 +35,6 @@ def make_corpus(path: Path, target_bytes: int) -> int:
     return written
 
 
-def _vm_hwm_mib() -> float:
-    # VmHWM, not ru_maxrss: ru_maxrss also keeps the RSS this process had before exec (a fork
-    # of the benchmark's parent, which holds a tokenizer and torch).
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def row(kind: str, corpus: str, tokenizer: str, workers: str) -> None:
     """One measured row, in this fresh interpreter."""
     from transformers import PreTrainedTokenizerFast
@@ -53,7 +44,7 @@ def row(kind: str, corpus: str, tokenizer: str, workers: str) -> None:
 
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer)
     source = TextSource(SourceSpec(corpus))
-    before = _vm_hwm_mib()
+    before = peak_rss_mib()
     if kind == "bare":  # the text is read first: this row times the tokenizer's batch call alone
         from acceltrain.data.sources import take_bytes
 
@@ -75,7 +66,7 @@ def row(kind: str, corpus: str, tokenizer: str, workers: str) -> None:
                  # Forked tokenizer workers' CPU time: on a shared machine, tokens per CPU-second is
                  # the figure the load does not distort (wall-clock rates are then only a floor).
                  "children_cpu_s": (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN)),
-                 "rss_before_mib": before, "peak_rss_mib": _vm_hwm_mib(),
+                 "rss_before_mib": before, "peak_rss_mib": peak_rss_mib(),
                  "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
 
 

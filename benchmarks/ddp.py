@@ -14,7 +14,7 @@ count, whatever the accumulation. Reports steps/s (median), the ratio, and all-r
 runs both loops in the same two processes instead (the trainer's Accelerator creates the
 process group, the hand-written DDP model shares it) and alternates chunks of steps in ABBA
 order, so the machine's drift between runs (10-20% here) cannot move the ratio; the trainer's
-steps run through ``trainer._run_step()``, what ``train()`` runs in its loop. A control run
+steps run through ``trainer.run_step()``, what ``train()`` runs in its loop. A control run
 puts a second hand-written loop in the trainer's place (A/A): its distance from 1.0 is what
 the harness cannot resolve. Writes ``ddp_ab.json``.
 
@@ -208,8 +208,8 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) ->
 
     torch.set_num_threads(1)
     trainer = make_trainer(accum, 10**9, [])
-    trainer._build()  # initialises the process group; train() is on_before_train, then _run_step()
-    trainer._call_hook("on_before_train")
+    trainer.build()  # initialises the process group; train() is on_before_train, then run_step()
+    trainer.call_hooks("on_before_train")
     at_counter, raw_counter, python_all_reduces = [0], [0], [0]
     raw_step = raw_loop(accum, raw_counter)
     if control:
@@ -217,7 +217,7 @@ def worker_ab(accum: int, pairs: int, chunk: int, warmup: int, control: bool) ->
         other_ddp = other.ddp
     else:
         trainer.model.register_comm_hook(None, counting_hook(at_counter))
-        other, other_ddp = trainer._run_step, trainer.model
+        other, other_ddp = trainer.run_step, trainer.model
     count_python_all_reduces(python_all_reduces)
 
     def timed(step, n: int) -> float:

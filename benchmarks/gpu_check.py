@@ -6,7 +6,7 @@ syncs per step, and the time a checkpoint save blocks training. Prints a table a
     bash benchmarks/gpu_check.sh                                         # on the GPU machine
 
 1. ``pytest -m gpu tests/gpu`` in a subprocess (counts of passed/failed/skipped, failures named).
-2. The pretraining recipe's step (``trainer._run_step()``, every hook included) against a
+2. The pretraining recipe's step (``trainer.run_step()``, every hook included) against a
    nanoGPT-style raw loop (autocast, fused AdamW, clip, schedule, pinned non-blocking batches;
    ``torch.compile`` of the whole model when compiled) in one process, alternating chunks in
    ABBA order as ``throughput.py --ab`` does, with ``torch.cuda.synchronize()`` around each
@@ -132,8 +132,8 @@ def _recipe_trainer(spec: dict[str, Any], tmp: Path, name: str, log_interval: in
                                           spec["precision"], "--compile", str(spec["compiled"]).lower(),
                                           *spec.get("extra", [])]
     trainer = recipe.PretrainTrainer(parse_config(recipe.PretrainConfig, argv))
-    trainer._build()
-    trainer._call_hook("on_before_train")
+    trainer.build()
+    trainer.call_hooks("on_before_train")
     return trainer
 
 
@@ -224,11 +224,11 @@ def ab_row(spec: dict[str, Any], tmp: Path, peaks: dict[str, float | None], keep
 
     t0 = time.perf_counter()
     timed(raw_step, spec["warmup"])  # compilation and caches happen here, untimed
-    timed(trainer._run_step, spec["warmup"])
+    timed(trainer.run_step, spec["warmup"])
     warmup_s = time.perf_counter() - t0
     raw_t, rec_t = [], []
     for i in range(spec["pairs"]):
-        order = [(raw_step, raw_t), (trainer._run_step, rec_t)]
+        order = [(raw_step, raw_t), (trainer.run_step, rec_t)]
         for step, times in order if i % 2 == 0 else order[::-1]:
             times.append(timed(step, spec["chunk"]))
     tokens = spec["pairs"] * spec["chunk"] * spec["batch_size"] * spec["seq_len"]
@@ -259,7 +259,7 @@ def _release(trainer) -> None:
 
     import torch
 
-    trainer.model = trainer.optimizer = trainer._inner_optimizer = None
+    trainer.model = trainer.optimizer = trainer.unwrapped_optimizer = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -305,11 +305,11 @@ def host_syncs(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """Syncs on steps 5-8 of the recipe with log_interval 4: 5, 6, 7 are quiet, 8 logs."""
     trainer = _recipe_trainer(spec, tmp, "syncs", log_interval=4)
     for _ in range(4):  # epoch start, optimizer state, compilation: outside the count
-        trainer._run_step()
+        trainer.run_step()
     per_step = {}
     for _ in range(4):
         with _count_reads(trainer.device) as seen:
-            trainer._run_step()
+            trainer.run_step()
         per_step[trainer.step] = list(seen)
     _release(trainer)
     quiet = [len(per_step[s]) for s in (5, 6, 7)]

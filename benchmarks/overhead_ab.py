@@ -9,7 +9,7 @@ then alternates chunks of ``--chunk`` steps in ABBA order, so both see the same 
 and the same warm caches. Each chunk pair gives a ratio; the table shows their median, the
 ratio of total times, and the spread.
 
-The trainer's steps run through ``trainer._run_step()``, exactly what ``train()`` runs in its
+The trainer's steps run through ``trainer.run_step()``, exactly what ``train()`` runs in its
 loop after ``on_before_train`` (the bookkeeping of ``train()`` itself is per run, not per step).
 
     python benchmarks/overhead_ab.py                 # gpt case, 12 chunk pairs of 10 steps
@@ -81,8 +81,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = BenchTrainer(max_steps=10**9, grad_clip=GRAD_CLIP, workspace=tmp, device="cpu")
-        trainer._build()
-        trainer._call_hook("on_before_train")
+        trainer.build()
+        trainer.call_hooks("on_before_train")
 
         def timed(step: Any, n: int) -> float:
             t0 = time.perf_counter()
@@ -91,10 +91,10 @@ def main() -> None:
             return time.perf_counter() - t0
 
         timed(raw_step, args.warmup)
-        timed(trainer._run_step, args.warmup)
+        timed(trainer.run_step, args.warmup)
         raw_t, at_t = [], []
         for i in range(args.pairs):
-            order = [(raw_step, raw_t), (trainer._run_step, at_t)]
+            order = [(raw_step, raw_t), (trainer.run_step, at_t)]
             for step, times in order if i % 2 == 0 else order[::-1]:  # ABBA
                 times.append(timed(step, args.chunk))
         for tracker in trainer.accelerator.trackers:  # as train() does at its end

@@ -9,7 +9,7 @@ share of step time spent waiting for data in the recipe, and peak RSS.
 
     python benchmarks/throughput.py --ab [--pairs 200] [--chunk 1]
 
-runs the recipe's step (``trainer._run_step()``, what ``train()`` runs in its loop, all hooks
+runs the recipe's step (``trainer.run_step()``, what ``train()`` runs in its loop, all hooks
 included) and the raw loop in one process, alternating chunks in ABBA order, so the machine's
 drift between runs cannot move the ratio; then a control: the raw loop against a second copy
 of itself (A/A), whose distance from 1.0 is the harness's own resolution. Writes
@@ -90,10 +90,10 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
         seconds = marks["end"] - marks["start"]
         data_share = statistics.mean(data)
     else:  # nanoGPT-style: the same pieces, no trainer
-        trainer._build()  # builds model/optimizer/scheduler/data exactly as the recipe does
+        trainer.build()  # builds model/optimizer/scheduler/data exactly as the recipe does
         model = trainer.unwrapped_model
-        opt = trainer._inner_optimizer
-        sched = trainer._inner_scheduler
+        opt = trainer.unwrapped_optimizer
+        sched = trainer.unwrapped_scheduler
         loader = torch.utils.data.DataLoader(trainer.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
         it = iter(loader)
         for step in range(cfg.max_steps):
@@ -122,8 +122,8 @@ def ab(args: argparse.Namespace, control: bool = False) -> dict[str, float]:
     recipe = load_recipe()
     cfg = parse_config(recipe.PretrainConfig, recipe_args(args, Path(args.tmp) / "ab"))
     trainer = recipe.PretrainTrainer(cfg)
-    trainer._build()  # train() is on_before_train, then _run_step() until done
-    trainer._call_hook("on_before_train")
+    trainer.build()  # train() is on_before_train, then run_step() until done
+    trainer.call_hooks("on_before_train")
 
     def raw_loop():
         model = copy.deepcopy(trainer.unwrapped_model)  # the same weights, trained separately
@@ -142,7 +142,7 @@ def ab(args: argparse.Namespace, control: bool = False) -> dict[str, float]:
         return lambda: nanogpt_step(model, opt, sched, next(batches), cfg.grad_clip)
 
     raw_step = raw_loop()
-    other = raw_loop() if control else trainer._run_step
+    other = raw_loop() if control else trainer.run_step
     # Time spent inside the recipe's hooks, counted only in the timed chunks (overhead.py's
     # wrapper; it reads the window from a clock's t0/t1).
     from types import SimpleNamespace
@@ -151,7 +151,7 @@ def ab(args: argparse.Namespace, control: bool = False) -> dict[str, float]:
 
     window = SimpleNamespace(t0=None, t1=None)
     in_hooks = [_time_hook(hook, window) for hook in trainer.hooks]
-    trainer._index_hooks()
+    trainer.index_hooks()
 
     def timed(step, n: int) -> float:
         t0 = time.perf_counter()

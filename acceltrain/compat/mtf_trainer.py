@@ -312,7 +312,7 @@ class GenericTrainer(BaseTrainer):
 
     def forward(self, input: Any) -> tuple[torch.Tensor | None, dict[str, Any]]:
         self.phase = TrainerPhase.TRAIN_BATCH_FORWARD
-        batch_idx = self._data.batches_in_epoch - 1
+        batch_idx = self.data.batches_in_epoch - 1
         for callback in self.callbacks:
             callback.on_batch_start(self, batch_idx)
         out = self.training_step(input, batch_idx)

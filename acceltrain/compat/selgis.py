@@ -17,6 +17,8 @@ Where SELGIS and an acceltrain guarantee differ, the guarantee wins:
   epoch ends); the curve over epochs is the same.
 - ``save_best_only`` also keeps the newest checkpoint, so a restart resumes exactly.
 - ``load_model`` never unpickles arbitrary objects (``weights_only=False`` is refused).
+
+``SelgisCore`` for a loop of your own is in :mod:`.selgis_core`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..one_call import _logits_of, _loss_of
 from ..schedules import build_schedule
 from ..utils import dedupe_tensors, seed_everything
 from .selgis_config import SCHEDULER_NAMES, SelgisConfig, TransformerConfig, load_selgis_config
+from .selgis_core import SelgisCore
 from .selgis_parts import (
     Callback,
     CheckpointCallback,
@@ -81,62 +84,11 @@ class _ClipValueHook(BaseHook):
         self.value = value
 
     def on_before_optimizer_step(self, trainer: Any) -> None:
-        trainer.accelerator.clip_grad_value_(trainer._trainable, self.value)
+        trainer.accelerator.clip_grad_value_(trainer.trainable_parameters, self.value)
 
 
 def _loader_batch_size(loader: Any) -> int | None:
     return getattr(loader, "batch_size", None) if isinstance(loader, torch.utils.data.DataLoader) else None
-
-
-class SelgisCore:
-    """What SELGIS's ``trainer.selgis`` reports, read from the acceltrain hooks that do the work.
-
-    acceltrain's protection runs inside the training loop (``GuardHook``, ``EarlyStoppingHook``,
-    the trainer's fused non-finite check), agreed across ranks; SELGIS's manual-loop methods
-    (``check_loss``, ``backward_step``, ``optimizer_step``, ``eval_epoch``) have no separate
-    implementation here and raise, saying so.
-    """
-
-    def __init__(self, trainer: Trainer, *documented: Any) -> None:
-        if documented or not isinstance(trainer, _OneCallTrainer):
-            raise TypeError("SelgisCore(model, optimizer, ...): acceltrain runs the protection inside "
-                            "Trainer.train() (GuardHook, EarlyStoppingHook); build a Trainer and read trainer.selgis")
-        self.trainer = trainer
-
-    def _early(self) -> EarlyStoppingHook | None:
-        return next((h for h in self.trainer.hooks if type(h) is EarlyStoppingHook), None)
-
-    @property
-    def best_metric(self) -> float | None:
-        hook = self._early()
-        return hook.best if hook is not None else None
-
-    best_loss = best_metric  # the metric watched is eval/loss
-
-    @property
-    def trainable_params_count(self) -> int:
-        return count_parameters(self.trainer._model, trainable_only=True)
-
-    @property
-    def total_params_count(self) -> int:
-        return count_parameters(self.trainer._model, trainable_only=False)
-
-    def load_best_weights(self) -> bool:
-        """Load the best evaluated weights back; False when none were kept."""
-        hook = self._early()
-        if hook is None or not hook._weights:
-            return False
-        hook._load_weights(self.trainer)
-        return True
-
-    def get_amp_context(self) -> Any:
-        return self.trainer._autocast()
-
-    def _manual(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("SelgisCore's manual-loop methods are not provided: acceltrain decides "
-                                  "skips and rollbacks inside Trainer.train(), the same on every rank")
-
-    check_loss = backward_step = optimizer_step = eval_epoch = _manual
 
 
 class Trainer(_OneCallTrainer):
@@ -258,8 +210,7 @@ class Trainer(_OneCallTrainer):
         if has_eval:
             hooks.append(EvaluationHook(interval=cfg.eval_steps or spe))
         if cfg.nan_recovery:
-            hooks.append(GuardHook(spike_threshold=cfg.spike_threshold, min_history_len=cfg.min_history_len,
-                                   state_update_interval=cfg.state_update_interval, max_rollbacks=_MAX_ROLLBACKS))
+            hooks.append(_guard_hook(cfg))
         if cfg.grad_clip_value is not None:
             hooks.append(_ClipValueHook(cfg.grad_clip_value))
         stoppers = [c for c in self._callbacks if isinstance(c, EarlyStoppingHook)]
@@ -313,7 +264,7 @@ class Trainer(_OneCallTrainer):
         root = self._checkpoint_root()
         resuming = root is not None and find_latest_checkpoint(root, clean=False) is not None
         if cfg.lr_finder_enabled and not self._user_optimizer and not resuming:
-            self._build()
+            self.build()
             self.lr_finder_lr = find_lr(self, apply=True, start_lr=cfg.lr_finder_start, end_lr=cfg.lr_finder_end,
                                         num_steps=cfg.lr_finder_steps, trainable_only=cfg.lr_finder_trainable_only)
             logger.info("LR finder: starting from lr %.3g", self.lr_finder_lr)
@@ -324,7 +275,7 @@ class Trainer(_OneCallTrainer):
         if self._eval_loader is None:
             return {}
         if not self._built:
-            self._build()
+            self.build()
         return super().evaluate()
 
     def save_model(self, path: str | Path) -> Path:
@@ -363,6 +314,33 @@ class Trainer(_OneCallTrainer):
             model.load_state_dict(state, strict=True)
         except (RuntimeError, CheckpointError) as e:
             raise ValueError(f"{path}: not a state dict of this model ({str(e).splitlines()[0]})") from None
+
+
+def _guard_hook(cfg: SelgisConfig) -> GuardHook:
+    """``nan_recovery``'s guard, the same for the Trainer and a manual-loop SelgisCore."""
+    return GuardHook(spike_threshold=cfg.spike_threshold, min_history_len=cfg.min_history_len,
+                     state_update_interval=cfg.state_update_interval, max_rollbacks=_MAX_ROLLBACKS)
+
+
+class _CoreTrainer(Trainer):
+    """The trainer under a manual-loop ``SelgisCore``: the user's model, optimizer and scheduler,
+    prepared; no data, no step loop (the core's methods are its pieces); the Trainer's forward
+    rules and evaluation for ``SelgisCore.evaluate``."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, cfg: SelgisConfig, device: Any) -> None:
+        self._user_optimizer, self._scheduler_arg = True, scheduler
+        tc = {"max_steps": 0, "max_grad_norm": cfg.grad_clip_norm or None,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+              "mixed_precision": "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else None}
+        _OneCallTrainer.__init__(self, model, train_dataloader=[], config=tc, optimizer=optimizer, device=device)
+        self._tc, self.config = self.config, cfg
+
+    def build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        return self._scheduler_arg
+
+    def build_hooks(self) -> list[BaseHook]:
+        return [_guard_hook(self.config)] if self.config.nan_recovery else []
 
 
 def _classification(preds: Any, labels: Any) -> bool:

@@ -175,7 +175,8 @@ class SmartScheduler:
 
     Epoch-based (``step_epoch(epoch)``) when ``num_training_steps`` is None or ``warmup_ratio``
     is 0: the schedule is laid over ``config.max_epochs`` epochs with ``warmup_epochs`` and
-    ``t_0`` in epochs. Step-based (``step()``) otherwise, over ``num_training_steps``. The LR
+    ``t_0`` in epochs. Step-based (``step()``) otherwise, over ``num_training_steps``, with
+    ``t_0`` epochs turned into steps (``num_training_steps / max_epochs`` each; logged). The LR
     floor is ``config.min_lr``; ``reduce_lr`` / ``surge_lr`` scale every later LR (persistently).
     """
 
@@ -189,6 +190,11 @@ class SmartScheduler:
         total = num_training_steps if self.by_step else config.max_epochs
         name = SCHEDULER_NAMES[config.scheduler_type]
         extra = {"t_0": config.t_0, "t_mult": config.t_mult} if name == "cosine_restarts" else {}
+        if extra and self.by_step:  # t_0 is in epochs (SELGIS): in steps, an epoch is total / max_epochs
+            per_epoch = max(1, int(total) // config.max_epochs)
+            extra["t_0"] = config.t_0 * per_epoch
+            logger.info("SmartScheduler: t_0 %d epoch(s) -> %d steps (%d per epoch)", config.t_0, extra["t_0"],
+                        per_epoch)
         self.scheduler = build_schedule(
             optimizer, name, max(1, int(total)), warmup_steps=0 if self.by_step else config.warmup_epochs,
             warmup_ratio=config.warmup_ratio if self.by_step else 0.0,

@@ -112,7 +112,7 @@ class TransformerTrainer(Trainer):
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:  # type: ignore[override]
         """A Hugging Face folder (a PEFT model: its adapter only), with the tokenizer when given."""
         if not self._built:
-            self._build()
+            self.build()
         return super().save_pretrained(path, tokenizer=self.tokenizer, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> None:

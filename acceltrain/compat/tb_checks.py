@@ -4,8 +4,8 @@ Tier 1 (critical, seconds on a small model): shape robustness, gradient flow, ou
 stability, parameter initialisation, memory footprint, inference speed. Tier 2 (analysis):
 attention patterns, gradient x input attribution, sensitivity to a one-token change. Each
 check returns ``{"passed": bool, ...figures}``; a tier returns ``{check: result}`` and prints a
-line per check. Tier 3 of the seed (fine-tuning loop, hyperparameter search, GLUE) is not
-provided: train with :func:`acceltrain.train_model` / ``acceltrain sweep`` instead.
+line per check. Tier 3 (training: fine-tuning loop, hyperparameter search, GLUE) is in
+:mod:`.tb_tier3`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_all_tier1_tests", "run_all_tier2_tests", "run_all_tests"]
+from .tb_tier3 import TIER3
+
+__all__ = ["run_all_tier1_tests", "run_all_tier2_tests", "run_all_tier3_tests", "run_all_tests"]
 
 
 def _settings(model: torch.nn.Module, config: Any) -> tuple[int, int]:
@@ -166,15 +168,18 @@ _TIER2: dict[str, Callable[..., dict[str, Any]]] = {
     "input_perturbation": check_perturbation}
 
 
-def _run(checks: dict[str, Callable[..., dict[str, Any]]], model: torch.nn.Module, config: Any) -> dict[str, Any]:
+def _run(checks: dict[str, Callable[..., dict[str, Any]]], model: torch.nn.Module, config: Any,
+         with_config: bool = False) -> dict[str, Any]:
     vocab, seq = _settings(model, config)
     was_training = model.training
     results = {}
     try:
         for name, check in checks.items():
             model.train(name == "gradient_flow")
-            results[name] = check(model, vocab, seq)
-            print(f"{'PASS' if results[name]['passed'] else 'FAIL'} {name}")
+            results[name] = check(model, vocab, seq, config) if with_config else check(model, vocab, seq)
+            r = results[name]
+            print(f"{'SKIP' if r.get('skipped') else 'PASS' if r['passed'] else 'FAIL'} {name}"
+                  + (f" ({r['reason']})" if r.get("skipped") else ""))
     finally:
         model.train(was_training)
     return results
@@ -190,7 +195,13 @@ def run_all_tier2_tests(model: torch.nn.Module, config: Any = None) -> dict[str,
     return _run(_TIER2, model, config)
 
 
+def run_all_tier3_tests(model: torch.nn.Module, config: Any = None) -> dict[str, Any]:
+    """Tier 3 (training, on copies of the model): fine-tuning loop, hyperparameter search, GLUE
+    linear probe; see :mod:`.tb_tier3` for the ``config`` keys each reads."""
+    return _run(TIER3, model, config, with_config=True)
+
+
 def run_all_tests(model: torch.nn.Module, config: Any = None) -> dict[str, Any]:
-    """Tiers 1 and 2 (the seed's tier 3, training benchmarks, is not provided: it says so under ``"tier3"``)."""
+    """Tiers 1, 2 and 3: ``{"tier1": ..., "tier2": ..., "tier3": ...}``."""
     return {"tier1": run_all_tier1_tests(model, config), "tier2": run_all_tier2_tests(model, config),
-            "tier3": {"passed": False, "reason": "not provided: train with acceltrain.train_model / acceltrain sweep"}}
+            "tier3": run_all_tier3_tests(model, config)}

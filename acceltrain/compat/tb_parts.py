@@ -75,7 +75,8 @@ class UniversalModelAdapter(torch.nn.Module):
 
     The seed wraps it for PyTorch Lightning; here acceltrain's trainers train it directly
     (``train_model`` returns one: ``adapter.model`` is the trained model). ``training_step`` /
-    ``validation_step`` / ``configure_optimizers`` keep the seed's names for hand-written loops.
+    ``validation_step`` / ``configure_optimizers`` keep the seed's names for hand-written loops;
+    for ``pl.Trainer(...).fit(adapter, ...)`` import it from :mod:`acceltrain.compat.tb_lightning`.
     """
 
     def __init__(self, model: torch.nn.Module, learning_rate: float = 1e-4, vocab_size: int = 0,
@@ -116,11 +117,14 @@ class UniversalModelAdapter(torch.nn.Module):
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """AdamW (no decay on 1-D parameters) and linear warmup then cosine over ``total_steps``."""
+        opt = self._adamw()
+        return opt, build_schedule(opt, "cosine", self.total_steps, warmup_steps=self.warmup_steps)
+
+    def _adamw(self) -> torch.optim.AdamW:
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.learning_rate)
-        return opt, build_schedule(opt, "cosine", self.total_steps, warmup_steps=self.warmup_steps)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.learning_rate)
 
 
 class AdaptiveTokenizerDataModule:

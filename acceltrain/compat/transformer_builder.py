@@ -4,8 +4,10 @@ Its ``utils.adapters``, ``utils.tokenization``, ``utils.training`` and ``utils.u
 module, each over acceltrain's own parts (nothing is implemented twice):
 
 - training: ``train_model`` / ``TrainingCoordinator`` -> :func:`acceltrain.one_call.train_model`
-  (the text form: :func:`acceltrain.one_call_data.train_on_text`); no PyTorch Lightning: the
-  loop is acceltrain's, and ``results["trainer"]`` is an :class:`acceltrain.Trainer`.
+  (the text form: :func:`acceltrain.one_call_data.train_on_text`): the loop is acceltrain's, and
+  ``results["trainer"]`` is an :class:`acceltrain.Trainer`. For ``pl.Trainer(...).fit(adapter,
+  datamodule)`` the same adapter and data module are Lightning classes in :mod:`.tb_lightning`.
+- test tiers 1-3: :mod:`.tb_checks`, :mod:`.tb_tier3`.
 - data: ``DatasetLoader`` (:mod:`acceltrain.data.dataset_loader`), ``AdaptiveTokenizerDataModule``
   (packing + :func:`acceltrain.data.packing.train_val_split`).
 - tokenizers: ``AdaptiveTokenizer`` / ``FastBPETrainer`` / ``CharacterLevelTokenizer`` /
@@ -39,7 +41,7 @@ from ..data.tokenizer_check import detect_strategy, tokenizer_for, validate_toke
 from ..export_formats import export_onnx, export_torchscript
 from ..one_call import train_model as _train_model
 from ..presets import PRESETS, ConfigPresets, TrainingPreset
-from .tb_checks import run_all_tests, run_all_tier1_tests, run_all_tier2_tests
+from .tb_checks import run_all_tests, run_all_tier1_tests, run_all_tier2_tests, run_all_tier3_tests
 from .tb_parts import (
     AdaptiveTokenizerDataModule,
     ComputationalGraphExecutor,
@@ -53,7 +55,7 @@ __all__ = [
     "FastBPETrainer", "BPETrainerConfig", "CharacterLevelTokenizer", "TokenizerValidator",
     "AdaptiveTokenizerDataModule", "train_model", "TrainingCoordinator", "DatasetLoader", "CheckpointManager",
     "ONNXExporter", "TorchScriptExporter", "ModelCardGenerator", "SetupWizard", "ConfigPresets", "PRESETS",
-    "run_all_tier1_tests", "run_all_tier2_tests", "run_all_tests",
+    "run_all_tier1_tests", "run_all_tier2_tests", "run_all_tier3_tests", "run_all_tests",
 ]
 
 logger = logging.getLogger("acceltrain")

@@ -2,10 +2,55 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
+    import torch
+
     from ..trainer import BaseTrainer
+
+
+class StepInfo(TypedDict, total=False):
+    """What ``trainer.step_info`` holds about the current step (``total=False``: a key is there
+    once the loop has reached the point that writes it; see :class:`BaseHook` for where).
+
+    Tensors stay on the device (read one with ``float()`` only on a step you log: that is a
+    host sync). Hooks may add keys of their own, as the shipped ones do (``eval`` or the
+    ``EvaluationHook`` prefix, ``max_memory``, ``tokens_per_s``/``mfu``, ``sparsity``/
+    ``sparsity_layers``); every number among them is a step figure that ``LoggingHook`` and
+    ``ProgressHook`` average and log.
+
+    Keys the trainer (and the shipped hooks named) write:
+
+    - ``loss``: The step's loss, 0-dim: the mean over its micro-batches (with ``count_loss_items``, over items).
+    - ``grad_norm``: The global gradient norm before clipping, 0-dim.
+    - ``batches``: Positions (in drawing order) of the micro-batches this update used.
+    - ``found_inf``: Quiet steps only: 1.0 if the optimizer skipped this update on the device (non-finite).
+    - ``lr``: Each param group's LR after the scheduler stepped.
+    - ``records``: ``forward``'s records, averaged over the micro-batches (tensors stay tensors).
+    - ``skipped_steps``: Earlier quiet steps found to have been skipped on the device, read during this step.
+    - ``non_finite_retries``: How many times this step was redone because its gradients were not finite.
+    - ``skipped_batches``: Batch positions discarded by those retries (and by skipped quiet steps read now).
+    - ``data_time``: Seconds spent drawing this step's batches.
+    - ``step_time``: Seconds from ``on_before_step`` to ``on_after_step``.
+    - ``eval``: ``EvaluationHook``'s metrics on a step it evaluated (under its ``prefix``).
+    - ``max_memory``: ``CudaMaxMemoryHook``: peak device memory so far, GiB.
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    batches: list[int]
+    found_inf: torch.Tensor
+    lr: list[float]
+    records: dict[str, Any]
+    skipped_steps: list[int]
+    non_finite_retries: int
+    skipped_batches: list[int]
+    data_time: float
+    step_time: float
+    eval: dict[str, float]
+    max_memory: float
+
 
 #: Every event a hook can receive, in the order a step sees them.
 EVENTS = (
@@ -59,12 +104,18 @@ class BaseHook:
             on_after_train(trainer)
         finally: on_teardown(trainer)                    # also when training raised
 
-        trainer.log(records)         -> on_log(trainer, records, dry_run)
-        trainer.log_images(records)  -> on_log_images(trainer, records, dry_run)
+        trainer.log(records)         -> on_log(trainer, records, not_main_process)
+        trainer.log_images(records)  -> on_log_images(trainer, records, not_main_process)
         trainer.state_dict()         -> on_state_dict(trainer, state_dict)
 
-    ``dry_run`` is True on every rank but the main one: every rank calls the hooks (so a hook
-    may enter collectives there), only the main rank writes.
+    ``not_main_process`` (passed by position; mini.trainer called it ``dry_run``) is True on
+    every rank but the main one: every rank calls the hooks (so a hook may enter collectives
+    there), only the main rank writes.
+
+    A hook uses the trainer's public interface only (see ``BaseTrainer``'s docstring): the
+    prepared and unwrapped optimizer/scheduler, ``trainable_parameters``, ``autocast()``,
+    ``engine_kind``, ``data``, ``step_info``/``step_figures()``, ``request_stop()``,
+    ``skip_step()``, ``log()``.
 
     A hook that keeps state across steps implements ``state_dict()`` / ``load_state_dict()``
     returning tensors and JSON-able values only: the checkpoint stores them without pickle.
@@ -108,7 +159,7 @@ class BaseHook:
         number the step will have once done; asked before its optimizer update).
 
         On a step that no hook reads, the trainer decides finiteness on the device and skips a
-        non-finite update there (see ``BaseTrainer``: "Host syncs"); on a step some hook reads, it
+        non-finite update there (see :mod:`acceltrain.non_finite`); on a step some hook reads, it
         reads the flag and redoes a non-finite step in place. A hook that logs on an interval
         returns True on its logging steps only. The default: True for a hook that overrides
         ``on_before_optimizer_step`` or ``on_non_finite`` (it inspects or steers the update),
@@ -118,10 +169,10 @@ class BaseHook:
         return (cls.on_before_optimizer_step is not BaseHook.on_before_optimizer_step
                 or cls.on_non_finite is not BaseHook.on_non_finite)
 
-    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
         """When ``trainer.log(records)`` is called (LoggingHook does, every ``interval`` steps)."""
 
-    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
         """When ``trainer.log_images(records)`` is called."""
 
     def on_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
@@ -136,3 +187,25 @@ class BaseHook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def hook_keys(hooks: list[BaseHook]) -> list[tuple[str, BaseHook]]:
+    """Each hook's key in a checkpoint: its class name, ``_1``, ``_2``, ... for repeats."""
+    keys, seen = [], {}
+    for hook in hooks:
+        name = type(hook).__name__
+        seen[name] = seen.get(name, -1) + 1
+        keys.append((name if seen[name] == 0 else f"{name}_{seen[name]}", hook))
+    return keys
+
+
+def hook_states(hooks: list[BaseHook]) -> dict[str, Any]:
+    """The ``state_dict()`` of every hook that has one, by :func:`hook_keys`."""
+    return {key: state for key, hook in hook_keys(hooks) if (state := hook.state_dict()) is not None}
+
+
+def load_hook_states(hooks: list[BaseHook], states: dict[str, Any]) -> None:
+    """Give each hook its entry of :func:`hook_states`'s output (hooks without one keep theirs)."""
+    for key, hook in hook_keys(hooks):
+        if key in states:
+            hook.load_state_dict(states[key])

@@ -24,6 +24,7 @@ from ..checkpoint import (
 )
 from ..checkpoint_names import BEST, CHECKPOINTS_SUBDIR, checkpoint_step
 from ..utils import flatten_dict, in_workspace, to_float
+from ..watchdog import launcher_gone
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class CheckpointingHook(BaseHook):
 
     # ---------------------------------------------------------------- resume
     def on_before_train(self, trainer: BaseTrainer) -> None:
-        if getattr(trainer, "_deepspeed", False):
+        if trainer.engine_kind == "deepspeed":
             # A DeepSpeed setup whose state cannot be saved safely is refused now, not at the first save.
             from ..checkpoint_deepspeed import check_supported
 
@@ -207,7 +208,7 @@ class CheckpointingHook(BaseHook):
             pending, self._pending = self._pending, None
             pending.wait()
 
-    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
         if self.metric is not None:
             value = flatten_dict(records).get(self.metric)
             if value is not None:
@@ -246,7 +247,8 @@ class CheckpointingHook(BaseHook):
                 # Only set flags here: the step loop saves at the next step boundary.
                 if self._signal is None:
                     self._signal = _signum
-                trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True)
+                    launcher_gone()  # a SIGTERM from the launcher watchdog says why, once
+                trainer.request_stop(f"signal {signal.Signals(_signum).name}", local=True, by_signal=True)
 
             self._previous_handlers[signum] = signal.signal(signum, handler)
         self._early_exit = getattr(trainer, "_early_exit", None)
@@ -282,6 +284,8 @@ class CheckpointingHook(BaseHook):
         finally:
             self._restore_signals()
         signum = _agreed_signal(trainer, self._signal)
+        if signum is not None:  # also on the ranks that received none: every rank stopped for it
+            trainer.stopped_by_signal = True
         under_slurm = self.requeue and os.environ.get("SLURM_JOB_ID")
         if signum is not None and under_slurm and trainer.is_main_process:
             if signum == self.requeue_signal:

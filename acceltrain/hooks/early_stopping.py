@@ -21,7 +21,7 @@ class EarlyStoppingHook(BaseHook):
     so the default metric is ``"eval/loss"``); records without ``metric`` are ignored, and a
     non-finite value counts as no improvement. Every rank sees the same reduced evaluation
     metrics, so every rank reaches the same decision and calls ``trainer.request_stop`` at the
-    same step (``dry_run`` only means "do not write", so it is not consulted).
+    same step (``not_main_process`` only means "do not write", so it is not consulted).
 
     Best weights: on every improvement a CPU copy of the unwrapped model's ``state_dict()`` (or
     of its trainable parameters only) is kept; with ``restore_best`` it is loaded back after
@@ -96,7 +96,7 @@ class EarlyStoppingHook(BaseHook):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
         value = flatten_dict(records).get(self.metric)
         if value is None:
             return

@@ -8,7 +8,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
+from ..schedules import scale_lr
 from ..utils import map_nested_tensor
 from .base import BaseHook
 
@@ -74,11 +76,11 @@ class GuardHook(BaseHook):
             t = p.detach()
             return t.clone() if hasattr(t, "to_local") else t.to("cpu", copy=True)  # DTensors stay sharded
 
-        sched = trainer._inner_scheduler
+        sched = trainer.unwrapped_scheduler
         self.snapshot = {
             "step": trainer.step,
-            "params": [keep(p) for p in trainer._trainable],
-            "optimizer": _clone_state(trainer._inner_optimizer.state_dict()),
+            "params": [keep(p) for p in trainer.trainable_parameters],
+            "optimizer": _clone_state(trainer.unwrapped_optimizer.state_dict()),
             "scheduler": copy.deepcopy(sched.state_dict()) if sched is not None else None,
         }
 
@@ -90,34 +92,32 @@ class GuardHook(BaseHook):
         self.rollbacks += 1
         snap = self.snapshot
         with torch.no_grad():
-            for p, saved in zip(trainer._trainable, snap["params"], strict=True):
+            for p, saved in zip(trainer.trainable_parameters, snap["params"], strict=True):
                 p.copy_(saved)
         # load_state_dict may keep the given tensors: hand it copies so the snapshot stays intact.
-        trainer._inner_optimizer.load_state_dict(_clone_state(snap["optimizer"]))
-        sched = trainer._inner_scheduler
+        optimizer = trainer.unwrapped_optimizer
+        optimizer.load_state_dict(_clone_state(snap["optimizer"]))
+        sched = trainer.unwrapped_scheduler
         if sched is not None and snap["scheduler"] is not None:
             sched.load_state_dict(copy.deepcopy(snap["scheduler"]))
-        # Lower the LR for good: the live groups and the schedule's base values.
-        for group in trainer._inner_optimizer.param_groups:
-            group["lr"] *= self.lr_factor
-        if sched is not None and hasattr(sched, "base_lrs"):
-            sched.base_lrs = [lr * self.lr_factor for lr in sched.base_lrs]
+        # Lower the LR for good: the live groups and the schedule (see schedules.scale_lr).
+        scale_lr(sched if isinstance(sched, LRScheduler) else optimizer, self.lr_factor)
         # The optimizer state we restored carries the old LRs in its groups; the snapshot keeps
         # them reduced from now on, so a second rollback does not undo this one.
-        self._reduce_snapshot_lr()
+        self._reduce_snapshot_lr(trainer)
         from_step = trainer.step
         trainer.step = snap["step"]
         self.consecutive_spikes = 0
         self._event(trainer, "rollback", reason, loss, batches, from_step=from_step + 1, to_step=snap["step"])
 
-    def _reduce_snapshot_lr(self) -> None:
-        for group in self.snapshot["optimizer"]["param_groups"]:
-            group["lr"] *= self.lr_factor
-        sched = self.snapshot["scheduler"]
-        if sched is not None and "base_lrs" in sched:
-            sched["base_lrs"] = [lr * self.lr_factor for lr in sched["base_lrs"]]
-        if sched is not None and "_last_lr" in sched:
-            sched["_last_lr"] = [lr * self.lr_factor for lr in sched["_last_lr"]]
+    def _reduce_snapshot_lr(self, trainer: BaseTrainer) -> None:
+        """Right after a rollback the live LR state is the snapshot's, lowered: copy it back."""
+        groups = trainer.unwrapped_optimizer.param_groups
+        for saved, group in zip(self.snapshot["optimizer"]["param_groups"], groups, strict=True):
+            saved.update({key: group[key] for key in ("lr", "initial_lr") if key in group})
+        sched = trainer.unwrapped_scheduler
+        if sched is not None and self.snapshot["scheduler"] is not None:
+            self.snapshot["scheduler"] = copy.deepcopy(sched.state_dict())
 
     def _event(self, trainer: BaseTrainer, kind: str, reason: str, loss: float | None, batches: list[int],
                **extra: Any) -> None:
@@ -128,7 +128,7 @@ class GuardHook(BaseHook):
             trainer.logger.warning("guard: %s at step %d (%s, loss %s, batches %s)%s", kind, event["step"], reason,
                                    loss, batches, f" -> back to step {extra['to_step']}" if "to_step" in extra else "")
         trainer.log({"guard": {"spikes": float(sum(e["kind"] != "rollback" for e in self.events)),
-                               "rollbacks": float(self.rollbacks)}}, dry_run=not trainer.is_main_process)
+                               "rollbacks": float(self.rollbacks)}})
 
     # ------------------------------------------------------------------ events
     def on_before_train(self, trainer: BaseTrainer) -> None:

@@ -48,8 +48,8 @@ class ImageFileLoggerHook(BaseHook):
         self.path = Path(path)
         self.max_images = max_images
 
-    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
-        if dry_run or trainer.step % self.interval:
+    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
+        if not_main_process or trainer.step % self.interval:
             return
         root = in_workspace(self.path, trainer.workspace)
         folder = root / f"step_{trainer.step}"

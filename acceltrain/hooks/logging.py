@@ -16,25 +16,10 @@ if TYPE_CHECKING:
     from ..trainer import BaseTrainer
 
 
-_last_figures: tuple[dict[str, Any] | None, int, dict[str, Any]] = (None, 0, {})
-
-
 def step_figures(info: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one step's ``step_info`` worth aggregating, computed once for all hooks.
-    Tensors stay tensors (nothing is read on the host: no sync on a step that does not log).
-
-    Several hooks read the same step: the result is reused while ``info`` is the same dict
-    with the same keys (treat it as read-only)."""
-    global _last_figures
-    last, size, figures = _last_figures
-    if last is info and size == len(info):
-        return figures
-    figures = _step_figures(info)
-    _last_figures = (info, len(info), figures)
-    return figures
-
-
-def _step_figures(info: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one step's ``step_info`` worth aggregating. Tensors stay tensors (nothing
+    is read on the host: no sync on a step that does not log). Hooks call
+    ``trainer.step_figures()``, which computes this once per step for all of them."""
     out: dict[str, Any] = {}
     for key in ("loss", "grad_norm", "step_time", "data_time"):
         if key in info:
@@ -248,12 +233,9 @@ class LoggingHook(BaseHook):
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
-        self._figures.add(step_figures(info))
+        self._figures.add(trainer.step_figures())
         if info.get("skipped_batches"):
-            trainer.log(
-                {"events/skipped_batches": float(len(info["skipped_batches"]))},
-                dry_run=not trainer.is_main_process,
-            )
+            trainer.log({"events/skipped_batches": float(len(info["skipped_batches"]))})
             if trainer.is_main_process:
                 trainer.logger.warning(
                     "step %d: %d retries, skipped batches %s",
@@ -262,14 +244,14 @@ class LoggingHook(BaseHook):
         if trainer.step % self.interval == 0 or trainer.step == trainer.max_steps or trainer.should_stop:
             records = self.flush(trainer)
             if records:
-                trainer.log(records, dry_run=not trainer.is_main_process)
+                trainer.log(records)
 
     def flush(self, trainer: BaseTrainer) -> dict[str, float]:
         """Averages since the last flush (reduced across ranks when ``sync``), then reset."""
         return self._figures.means(trainer.device, sync=self.sync and trainer.accelerator.num_processes > 1)
 
-    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
-        if dry_run or not records or trainer.step <= self._replay_through:
+    def on_log(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
+        if not_main_process or not records or trainer.step <= self._replay_through:
             return
         self.start_trackers(trainer)  # records before on_before_train (a no-op once started)
         flat = {k: to_float(v) for k, v in flatten_dict(records).items() if _numeric(v)}
@@ -279,8 +261,8 @@ class LoggingHook(BaseHook):
             with open(self._jsonl_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], dry_run: bool = False) -> None:
-        if dry_run or trainer.step <= self._replay_through:
+    def on_log_images(self, trainer: BaseTrainer, records: dict[str, Any], not_main_process: bool = False) -> None:
+        if not_main_process or trainer.step <= self._replay_through:
             return
         wandb = [t for t in self._trackers if t.name == "wandb"]
         if wandb:

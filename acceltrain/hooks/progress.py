@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ..utils import peak_memory_gib
 from .base import BaseHook
-from .logging import FigureSums, step_figures
+from .logging import FigureSums
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer
@@ -91,7 +91,7 @@ class ProgressHook(BaseHook):
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         info = trainer.step_info
-        figures = step_figures(info)
+        figures = trainer.step_figures()
         if not self.with_records and info.get("records"):
             figures = {k: v for k, v in figures.items() if not k.startswith("records/")}
         self._figures.add(figures)

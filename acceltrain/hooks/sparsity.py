@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 from torch.nn.utils import prune
 
@@ -123,7 +122,7 @@ class SparsityHook(BaseHook):
         from .checkpointing import CheckpointingHook
         from .ema import EmaHook
 
-        if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if trainer.engine_kind in ("fsdp", "fsdp2", "deepspeed"):
             raise ValueError("SparsityHook supports one process and DDP, not FSDP or DeepSpeed")
         for hook in trainer.hooks:
             if hook is self:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from ..checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint, list_checkpoints
-from ..checkpoint_deepspeed import refuse_resize
 from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import UserError
 from ..elastic import plan_resize
@@ -75,8 +74,7 @@ def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = N
     Checkpoints of which none checks out are an error on every rank (exit 2), never a silent
     fresh start. With ``resize`` (``world``, ``micro_batch``, ``accumulation``,
     ``allow_global_batch_change``), the newest checkpoint must also continue on this number of
-    processes (:func:`acceltrain.elastic.plan_resize`; DeepSpeed ones only on their own), so a
-    refusal leaves the run folder untouched.
+    processes (:func:`acceltrain.elastic.plan_resize`), so a refusal leaves the run folder untouched.
 
     Returns:
         The :class:`~acceltrain.elastic.ResizePlan` (the same on every rank), or None for the same
@@ -88,8 +86,6 @@ def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = N
             folder = find_latest_checkpoint(root, clean=False, required="--resume true")
             if folder is not None and resize is not None:
                 manifest = json.loads((folder / MANIFEST).read_text())
-                if manifest.get("deepspeed") and manifest["world_size"] != resize["world"]:
-                    refuse_resize(folder, manifest, resize["world"])
                 plan = plan_resize(manifest, folder=folder, **resize)
         except CheckpointError as e:
             problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \

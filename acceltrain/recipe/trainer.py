@@ -11,8 +11,7 @@ import torch
 from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import UserError, config_to_dict, exit_on_user_error, parse_config
 from ..console import configure_output, quiet_progress_bars
-from ..evaluation import EvaluationHook
-from ..hooks import CheckpointingHook, LoggingHook, ProgressHook
+from ..hooks import CheckpointingHook, EvaluationHook, LoggingHook, ProgressHook
 from ..hooks.base import BaseHook
 from ..plot import curves_section, matplotlib_available, save_curves
 from ..trackers import parse_report_to

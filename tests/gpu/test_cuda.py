@@ -104,7 +104,7 @@ def test_grad_scaler_overflow_on_a_quiet_step_is_skipped_on_the_device():
     t.train()
     assert [float(i["found_inf"]) for i in keep.infos] == [1.0, 0.0, 0.0]
     assert t.grad_scaler.get_scale() == pytest.approx(2.0**10)
-    assert float(t._inner_optimizer.state_dict()["state"][0]["step"]) == 2.0
+    assert float(t.unwrapped_optimizer.state_dict()["state"][0]["step"]) == 2.0
 
 
 def test_fused_adamw_matches_foreach_adamw():

@@ -6,7 +6,7 @@ differs, so not bitwise). Dropout is off here: a resized run's new ranks have ne
 streams (documented), while the data order is the same. FSDP2 2 -> 1 and 1 -> 2: the weights
 and AdamW state as loaded equal the saved shards reassembled, exactly. A global batch no
 accumulation can keep is refused (exit 2, both batch sizes named, nothing touched) unless
-allowed. DeepSpeed ZeRO 2 -> 1: exit 2 with one line, never a traceback.
+allowed. DeepSpeed ZeRO-2/3 2 -> 1 and 1 -> 2 (re-partitioned): tests/integration/test_deepspeed_cpu.py.
 """
 
 from __future__ import annotations

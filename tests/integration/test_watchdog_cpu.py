@@ -81,6 +81,11 @@ def test_sigkill_of_torchrun_leaves_no_worker_alive(tmp_path: Path):
     saved = sorted(ckpt_root(tmp_path / "run").glob(STEP_GLOB))
     assert len(saved) == 1, (saved, log.read_text()[-3000:])
     assert int(saved[0].name.rsplit("_", 1)[1]) >= 3
+    # Each worker said why it stopped, once: the kernel's SIGTERM reached the checkpoint hook's
+    # handler, which asks the watchdog; its polling thread, a moment later, does not repeat it.
+    text = log.read_text()
+    for w in workers:
+        assert text.count(f"acceltrain watchdog: the launcher (pid {proc.pid}) of pid {w} is gone") == 1, text[-3000:]
 
 
 def test_a_hung_peer_ends_the_run_after_the_collective_timeout(tmp_path: Path):

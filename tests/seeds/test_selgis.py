@@ -109,8 +109,7 @@ def test_public_api_block_imports_as_written():
     for fn in (count_parameters, format_params, get_device, get_optimizer_grouped_params, is_dict_like, move_to_device,
                to_dict, unpack_batch):
         assert callable(fn) and fn.__doc__  # each is exercised in test_utils
-    with pytest.raises(TypeError, match="runs the protection inside"):
-        SelgisCore(_mlp(), None)
+    assert callable(SelgisCore.check_loss)  # the manual loop: tests/seeds/test_selgis_core.py
 
 
 def test_cli_version_and_device(capsys):
@@ -344,7 +343,7 @@ def test_min_lr_is_the_floor_the_schedule_reaches(tmp_path):
                                             ("polynomial", "polynomial")])
 def test_scheduler_type(tmp_path, name, expected):
     t = Trainer(_mlp(), _cfg(tmp_path, scheduler_type=name, t_0=1), _loader())
-    t._build()
+    t.build()
     assert t.lr_scheduler.scheduler.lr_lambdas[0].name == expected
     with pytest.raises(ConfigError, match="scheduler_type must be one of"):
         _cfg(tmp_path, scheduler_type="step")
@@ -371,7 +370,7 @@ def test_label_smoothing_of_the_default_loss(tmp_path):
 
 def test_weight_decay_goes_to_the_default_optimizer(tmp_path):
     t = Trainer(_mlp(), _cfg(tmp_path, weight_decay=0.05), _loader())
-    t._build()
+    t.build()
     assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
     assert [len(g["params"]) for g in t.optimizer.param_groups] == [2, 2]  # weights / biases
 
@@ -509,7 +508,7 @@ def test_optimizer_type_and_adam_fields(tmp_path, bert_folder, kind, cls):
     t = TransformerTrainer(str(bert_folder), _tcfg(tmp_path, optimizer_type=kind, learning_rate=3e-4, adam_beta1=0.8,
                                                    adam_beta2=0.95, adam_epsilon=1e-6, weight_decay=0.02),
                            _token_loader())
-    t._build()
+    t.build()
     opt = t.optimizer.optimizer
     assert type(opt).__name__ == cls and opt.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]
@@ -558,6 +557,15 @@ def test_smart_scheduler_by_epoch_and_by_step():
     by_step = SmartScheduler(opt2, 0.1, SelgisConfig(scheduler_type="cosine", warmup_ratio=0.1, min_lr=0.0),
                              num_training_steps=100)
     assert [by_step.step() for _ in range(10)][-1] == pytest.approx(0.1)
+    # cosine_restart by step: t_0 stays epochs (4 epochs over 40 steps: t_0=1 restarts every 10 steps)
+    from acceltrain.schedules import build_schedule
+
+    opt3 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5)
+    restarts = SmartScheduler(opt3, 0.1, SelgisConfig(scheduler_type="cosine_restart", warmup_ratio=0.1, max_epochs=4,
+                                                      t_0=1, t_mult=1, min_lr=0.0), num_training_steps=40)
+    want = build_schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), "cosine_restarts", 40,
+                          warmup_ratio=0.1, t_0=10, t_mult=1).lr_lambdas[0]
+    assert [restarts.scheduler.lr_lambdas[0](i) for i in range(40)] == [want(i) for i in range(40)]
     hf = get_transformer_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), "linear", 2, 10)
     hf.step()
     assert hf.get_last_lr() == [0.5]

@@ -1,7 +1,7 @@
 """Transformer Builder Colab's API reference (seed 002) run on acceltrain: each code example as
 written, with only the import line, tiny local models and text files in place of model ids and
-Hub datasets, and the CPU. Lines that drive PyTorch Lightning (``pl.Trainer(...).fit``) are not
-run: acceltrain is the trainer (the same objects are trained with ``TrainingCoordinator``)."""
+Hub datasets, and the CPU. The lines that drive PyTorch Lightning (``pl.Trainer(...).fit``) run in
+``test_tb_lightning.py``; here the same objects are trained by acceltrain (``TrainingCoordinator``)."""
 
 from __future__ import annotations
 
@@ -385,14 +385,53 @@ def test_test_tiers(capsys):
     assert tier2["feature_attribution"]["passed"] and len(tier2["feature_attribution"]["attribution_per_position"]) == 16
     assert tier2["input_perturbation"]["relative_output_change"] > 0
     assert tier2["attention_patterns"]["passed"] and tier2["attention_patterns"]["layers"] == 1
-    everything = run_all_tests(model, config)
-    assert everything["tier3"] == {"passed": False, "reason": "not provided: train with acceltrain.train_model / "
-                                                              "acceltrain sweep"}
-    assert "PASS gradient_flow" in capsys.readouterr().out
+    everything = run_all_tests(model, {**config, "tier3_steps": 5})
+    assert list(everything) == ["tier1", "tier2", "tier3"]
+    assert list(everything["tier3"]) == ["fine_tuning_loop", "hyperparameter_search", "glue_benchmark"]
+    out = capsys.readouterr().out
+    assert "PASS gradient_flow" in out and "SKIP glue_benchmark (needs config['tokenizer']" in out
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # a broken model fails the checks
     broken = run_all_tier1_tests(model, config)
     assert not broken["parameter_initialization"]["passed"] and not broken["output_stability"]["passed"]
+
+
+def test_test_tier3_trains_copies(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from acceltrain.compat.transformer_builder import run_all_tier3_tests
+
+    model = _gpt2(96)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = {"vocab_size": 96, "max_seq_len": 16, "tier3_steps": 20}
+    tier3 = run_all_tier3_tests(model, config)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))  # copies were trained
+    ft = tier3["fine_tuning_loop"]
+    assert ft["passed"] and ft["loss_after"] < ft["loss_before"] and ft["steps"] == 20
+    hp = tier3["hyperparameter_search"]
+    losses = hp["final_loss_per_lr"]
+    assert list(losses) == [1e-4, 1e-3, 1e-2] and hp["best_learning_rate"] == min(losses, key=losses.get)
+    assert losses[1e-2] < losses[1e-4] < hp["loss_before"]  # 20 updates: the larger LR fits more
+    assert hp["passed"] and tier3["hyperparameter_search"]["loss_before"] == pytest.approx(ft["loss_before"])
+    assert tier3["glue_benchmark"]["skipped"] and "needs config['tokenizer']" in tier3["glue_benchmark"]["reason"]
+
+    # GLUE from the Hub: offline here, so it says so instead of guessing
+    tokenizer = CharacterLevelTokenizer(vocab_size=96, texts=["abcdefgh ", "x"])
+    offline = run_all_tier3_tests(model, {**config, "tier3_steps": 1, "tokenizer": tokenizer.hf})["glue_benchmark"]
+    assert offline["skipped"] and offline["task"] == "sst2" and "'nyu-mll/glue'" in offline["reason"]
+
+    # a local GLUE-shaped DatasetDict (sst2's columns): the probe separates "aaaa" from "bbbb" sentences
+    def split(n):
+        return Dataset.from_dict({"sentence": [("a" if i % 2 else "b") * (4 + i % 5) for i in range(n)],
+                                  "label": [i % 2 for i in range(n)]})
+
+    glue = DatasetDict({"train": split(64), "validation": split(20)})
+    result = run_all_tier3_tests(model, {**config, "tier3_steps": 1, "tokenizer": tokenizer.hf, "glue_data": glue,
+                                         "glue_epochs": 30})["glue_benchmark"]
+    assert result["passed"] and result["majority_baseline"] == 0.5 and result["accuracy"] == 1.0
+    assert (result["train_examples"], result["validation_examples"]) == (64, 20)
+    with pytest.raises(ValueError, match="^glue_task must be one of"):
+        run_all_tier3_tests(model, {**config, "glue_task": "squad"})
 
 
 # ---------------------------------------------------------------------- errors and tips

@@ -117,7 +117,7 @@ def test_a_pickle_that_runs_code_is_never_executed(tmp_path):
     (folder / "trainer_state.pt").write_bytes(pickle.dumps({"step": payload}))
     _write_manifest(folder, 1, 1, {})  # a "valid" manifest: the attack passes the size/CRC checks
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
-    t._build()
+    t.build()
     with pytest.raises(CheckpointError, match=r"trainer_state\.pt: cannot be loaded safely"):
         load_checkpoint(t, folder)
     assert not marker.exists()
@@ -150,7 +150,7 @@ def test_world_size_change_keeps_the_global_batch_by_accumulation(tmp_path, capl
         "micro_batch": 8, "accumulation": 1, "global_batch": 8}
     _as_if_saved_by(folder, 2, (8, 1))
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
-    t._build()
+    t.build()
     with caplog.at_level("WARNING", logger="acceltrain"):
         load_checkpoint(t, folder)
     assert t.gradient_accumulation_steps == 2 and t.step == 1
@@ -163,7 +163,7 @@ def test_world_size_change_that_cannot_keep_the_global_batch_is_refused(tmp_path
     folder = run_step_dir(tmp_path, 1)
     _as_if_saved_by(folder, 2, (6, 3))  # 36 samples per step: no multiple of this run's 8 per micro-step
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
-    t._build()
+    t.build()
     with pytest.raises(CheckpointError, match=r"saved with 36 samples per step \(6 per process x accumulation 3 x 2 "
                                               r"processes\); on 1 process with micro-batch 8 .*this run would use 8"):
         load_checkpoint(t, folder)
@@ -178,7 +178,7 @@ def test_world_size_change_without_a_recorded_batch_is_refused(tmp_path):
     folder = run_step_dir(tmp_path, 1)
     _as_if_saved_by(folder, 2, None)
     t = ToyTrainer(max_steps=2, device="cpu", optimizer="adamw")
-    t._build()
+    t.build()
     with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1; the checkpoint does not record "
                                               "its samples per step.*resume with 2 processes"):
         load_checkpoint(t, folder)
@@ -378,7 +378,7 @@ def test_lora_checkpoints_hold_only_what_trains_and_resume_exactly(tmp_path):
                             strict=True):
         assert torch.equal(a, b), name
     other = _LoraLM(layers=3, max_steps=4, device="cpu")
-    other._build()
+    other.build()
     with pytest.raises(CheckpointError, match="this run.s frozen parameters differ from that run.s"):
         load_checkpoint(other, folder)
 

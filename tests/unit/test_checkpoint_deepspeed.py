@@ -19,7 +19,7 @@ def _trainer(stage: int = 2, nvme: bool = False, moe: bool = False, elastic: boo
     opt = optimizer if optimizer is not None else SimpleNamespace(elastic_checkpoint=elastic)
     engine = SimpleNamespace(optimizer=opt, has_moe_layers=moe, zero_optimization_stage=lambda: stage,
                              zero_nvme_offload_optimizer=lambda: nvme)
-    return SimpleNamespace(model=engine, _deepspeed=True)
+    return SimpleNamespace(model=engine, _deepspeed=True, engine_kind="deepspeed")
 
 
 @pytest.mark.parametrize("kwargs, wanted", [

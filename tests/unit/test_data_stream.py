@@ -101,7 +101,7 @@ def test_skipping_is_independent_of_the_position():
     state["data"]["samples_in_epoch"] = 90_000
     from acceltrain.data_stream import fingerprint
 
-    order = first._data.position.sampler.epoch_order(0)
+    order = first.data.position.sampler.epoch_order(0)
     state["data"]["next_fingerprint"] = fingerprint(order[90_000:90_004].tolist())
     calls.clear()
     second = Big(max_steps=2, device="cpu")
@@ -125,7 +125,7 @@ def test_unseeded_process_gets_a_working_agreed_seed():
 
     t = Unseeded(max_steps=20, n=64, batch_size=4, device="cpu")  # crosses an epoch boundary
     t.train()
-    assert t._data.position.seed == seed % 2**62
+    assert t.data.position.seed == seed % 2**62
     assert sorted(t.seen[:64]) == list(range(64))
 
 

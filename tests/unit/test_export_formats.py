@@ -13,6 +13,7 @@ from acceltrain.export_formats import (
     export_onnx,
     export_program,
     export_torchscript,
+    trace_program,
 )
 
 pytest.importorskip("onnxruntime")
@@ -43,20 +44,34 @@ def _reference(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask, **kwargs).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_onnx_in_onnxruntime_matches_pytorch_at_new_shapes(name, request, tmp_path):
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def exported(request, tmp_path_factory):
+    """Each model written once per module in every format: one ``torch.export`` trace, saved as the
+    ``.pt2`` file and translated to ONNX; TorchScript by tracing. The tests below read the files."""
+    name = request.param
+    model = request.getfixturevalue(name)
+    folder = tmp_path_factory.mktemp(name)
+    program = trace_program(model)
+    reports = {"pt2": export_program(model, folder / f"{name}.pt2", program=program),
+               "onnx": export_onnx(model, folder / f"{name}.onnx", benchmark=True, benchmark_repeats=1,
+                                   program=program),
+               "ts": export_torchscript(model, folder / f"{name}.pt", mode="auto")}
+    return name, model, folder, reports
+
+
+def test_onnx_in_onnxruntime_matches_pytorch_at_new_shapes(exported):
     import onnx
     import onnxruntime as ort
 
-    model = request.getfixturevalue(name)
-    report = export_onnx(model, tmp_path / f"{name}.onnx", benchmark=True, benchmark_repeats=1)
+    name, model, folder, reports = exported
+    report = reports["onnx"]
     assert report["max_abs_diff"] <= 1e-4 and report["opset_version"] >= 18 and report["file_size_mb"] > 0
     assert set(report["benchmark"]) == {"pytorch_ms", "export_ms", "speedup"}
-    graph = onnx.load(str(tmp_path / f"{name}.onnx")).graph
+    graph = onnx.load(str(folder / f"{name}.onnx")).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"] and [o.name for o in graph.output] == ["logits"]
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert all(isinstance(d, str) for d in dims)  # both axes symbolic (dynamic)
-    session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
     for shape in ((1, 5), (4, 11)):  # neither is the export's (2, 8)
         ids, mask = example_inputs(96, *shape, seed=7, pad_last=True)
         got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
@@ -65,15 +80,14 @@ def test_onnx_in_onnxruntime_matches_pytorch_at_new_shapes(name, request, tmp_pa
         torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_torchscript_and_torch_export_match_pytorch_at_new_shapes(name, request, tmp_path):
-    model = request.getfixturevalue(name)
-    ts = export_torchscript(model, tmp_path / f"{name}.pt", mode="auto")
+def test_torchscript_and_torch_export_match_pytorch_at_new_shapes(exported):
+    name, model, folder, reports = exported
+    ts = reports["ts"]
     assert ts["mode"] == "trace" and ts["max_abs_diff"] <= 1e-4
-    pt2 = export_program(model, tmp_path / f"{name}.pt2")
+    pt2 = reports["pt2"]
     assert pt2["max_abs_diff"] <= 1e-4
-    scripted = torch.jit.load(str(tmp_path / f"{name}.pt"))
-    program = torch.export.load(str(tmp_path / f"{name}.pt2")).module()
+    scripted = torch.jit.load(str(folder / f"{name}.pt"))
+    program = torch.export.load(str(folder / f"{name}.pt2")).module()
     ids, mask = example_inputs(96, 4, 11, seed=7, pad_last=True)
     want = _reference(model, ids, mask)
     with torch.no_grad():

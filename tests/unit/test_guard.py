@@ -33,7 +33,7 @@ class Watch(BaseHook):
     def on_before_step(self, trainer):
         if self.guard.rollbacks and len(self.checked) < self.guard.rollbacks:
             snap = self.guard.snapshot["params"]
-            self.checked.append(all(torch.equal(p.detach(), s) for p, s in zip(trainer._trainable, snap, strict=True)))
+            self.checked.append(all(torch.equal(p.detach(), s) for p, s in zip(trainer.trainable_parameters, snap, strict=True)))
 
     def on_after_step(self, trainer):
         self.losses.append(trainer.step_info["loss"].item())

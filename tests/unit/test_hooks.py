@@ -75,13 +75,17 @@ def test_figure_sums_fold_in_batches_exactly_and_survive_a_state_round_trip():
 
 
 def test_step_figures_are_shared_by_hooks_until_step_info_changes():
-    from acceltrain.hooks.logging import step_figures
-
-    info = {"loss": torch.tensor(1.0), "lr": [0.1]}
-    first = step_figures(info)
-    assert step_figures(info) is first
-    info["tokens"] = 7  # a hook adds a figure: it is seen
-    assert step_figures(info)["tokens"] == 7 and step_figures(dict(info)) is not first
+    t, other = ToyTrainer(max_steps=1, device="cpu"), ToyTrainer(max_steps=1, device="cpu")
+    t.step_info = {"loss": torch.tensor(1.0), "lr": [0.1]}
+    other.step_info = {"loss": torch.tensor(2.0), "lr": [0.2]}
+    first = t.step_figures()
+    assert t.step_figures() is first and first["lr"] == 0.1
+    # Per trainer: another trainer's step (a second trainer in the process) does not evict it.
+    assert other.step_figures()["lr"] == 0.2 and t.step_figures() is first
+    t.step_info["tokens"] = 7  # a hook adds a figure: it is seen
+    assert t.step_figures()["tokens"] == 7
+    t.step_info = dict(t.step_info)  # a new step's dict: computed afresh
+    assert t.step_figures() is not first
 
 
 def test_progress_hook_prints_one_line_per_interval():
@@ -95,7 +99,7 @@ def test_progress_hook_prints_one_line_per_interval():
 def test_ema_hook_tracks_average_and_is_checkpointed(tmp_path):
     ema = EmaHook(decay=0.5)
     t = ToyTrainer(max_steps=1, device="cpu", hooks=[ema])
-    t._build()
+    t.build()
     start = params(t.model)
     t.train()
     for e, s, p in zip(ema.ema_model.parameters(), start, t.model.parameters(), strict=True):
@@ -105,7 +109,7 @@ def test_ema_hook_tracks_average_and_is_checkpointed(tmp_path):
     other = EmaHook(decay=0.5)
     t2 = ToyTrainer(max_steps=1, device="cpu", hooks=[other])
     t2.load_state_dict(state)
-    t2._build()
+    t2.build()
     other.on_before_train(t2)
     for a, b in zip(ema.ema_model.parameters(), other.ema_model.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -93,7 +93,7 @@ def test_a_quiet_step_reads_nothing_and_a_logging_step_reads_three_times(monkeyp
     for logging_step in (4, 8):
         # the trainer's flags (one stack, one read), LoggingHook's and ProgressHook's interval means
         where = sorted(r.split(" at ")[1].split(":")[0] for r in reads[logging_step])
-        assert where == ["engine.py", "logging.py", "logging.py"], reads[logging_step]
+        assert where == ["logging.py", "logging.py", "non_finite.py"], reads[logging_step]
         assert all(r.startswith("tolist") for r in reads[logging_step])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and list((tmp_path / "tensorboard").iterdir())
@@ -110,7 +110,7 @@ def test_without_fused_optimizer_or_with_defer_off_every_step_reads_once(monkeyp
         trainer.train()
         monkeypatch.undo()
         assert [len(counter.reads[s]) for s in (2, 3, 4)] == [1, 1, 1]
-        assert all(r.startswith("item at engine.py") for s in (2, 3, 4) for r in counter.reads[s])
+        assert all(r.startswith("item at non_finite.py") for s in (2, 3, 4) for r in counter.reads[s])
 
 
 class Keep(BaseHook):
@@ -134,7 +134,7 @@ def test_a_quiet_non_finite_step_is_skipped_on_the_device_exactly(caplog):
     eager.train()
     for a, b in zip(params(deferred.model), params(eager.model), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    sa, sb = deferred._inner_optimizer.state_dict()["state"], eager._inner_optimizer.state_dict()["state"]
+    sa, sb = deferred.unwrapped_optimizer.state_dict()["state"], eager.unwrapped_optimizer.state_dict()["state"]
     for key in sa:
         for name in ("step", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(sa[key][name], sb[key][name], atol=0, rtol=0)
@@ -184,18 +184,18 @@ def test_an_fp16_overflow_on_a_quiet_step_backs_off_on_the_device(monkeypatch):
 
     keep = Keep()
     t = Scaled(max_steps=3, device="cpu", hooks=[keep])
-    t._build()
+    t.build()
     before = [p.detach().clone() for p in t.model.parameters()]
     counter = ReadCounter(monkeypatch)
     t.hooks = [Marker(counter), keep]
-    t._index_hooks()
+    t.index_hooks()
     t.train()
     monkeypatch.undo()
     # Step 2 reads nothing; after step 3 the end of training reads the three flags (one read).
-    assert counter.reads.get(2, []) == [] and [r.split(":")[0] for r in counter.reads[3]] == ["tolist at engine.py"]
+    assert counter.reads.get(2, []) == [] and [r.split(":")[0] for r in counter.reads[3]] == ["tolist at non_finite.py"]
     assert [float(i["found_inf"]) for i in keep.infos] == [1.0, 0.0, 0.0]
     assert t.grad_scaler.get_scale() == pytest.approx(2.0**27)
-    assert t.step == 3 and float(t._inner_optimizer.state_dict()["state"][0]["step"]) == 2.0
+    assert t.step == 3 and float(t.unwrapped_optimizer.state_dict()["state"][0]["step"]) == 2.0
     assert not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
 
 
@@ -203,13 +203,13 @@ def test_which_steps_are_quiet_follows_the_hooks():
     from acceltrain import EmaHook, GuardHook
 
     t = FusedToy(max_steps=10, device="cpu")
-    t._build()
+    t.build()
     cases = [([LoggingHook(interval=4), ProgressHook(interval=3, bar=False)], [1, 2, 5, 7]),
              ([EmaHook(), CudaMaxMemoryHook(), ThroughputHook(tokens_per_step=1)], list(range(1, 11))),
              ([GuardHook(), LoggingHook(interval=4)], [])]  # the guard reads the loss every step
     for hooks, quiet in cases:
         t.hooks = hooks
-        t._index_hooks()
+        t.index_hooks()
         seen = []
         for done in range(10):
             t.step = done
@@ -217,6 +217,6 @@ def test_which_steps_are_quiet_follows_the_hooks():
                 seen.append(done + 1)
         assert seen == quiet, [type(h).__name__ for h in hooks]
     t.hooks, t.step = [], 0
-    t._index_hooks()
+    t.index_hooks()
     t._pending_flags = [(s, [], torch.zeros(())) for s in range(100)]
     assert not t._quiet()  # at most 100 steps go unread

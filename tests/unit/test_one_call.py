@@ -173,18 +173,18 @@ def test_optimizer_instance_factory_or_default():
     t = Trainer(model, train_dataloader=_loader(), criterion=nn.MSELoss(), optimizer=sgd, device="cpu",
                 config={"max_steps": 2, "scheduler": "constant"})
     t.train()
-    assert t._inner_optimizer is sgd and t.step_info["lr"] == [0.05]
+    assert t.unwrapped_optimizer is sgd and t.step_info["lr"] == [0.05]
 
     t = Trainer(_mlp(), train_dataloader=_loader(), criterion=nn.MSELoss(), device="cpu",
                 optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9), config={"max_steps": 1})
     t.train()
-    assert isinstance(t._inner_optimizer, torch.optim.SGD) and t._inner_optimizer.defaults["momentum"] == 0.9
+    assert isinstance(t.unwrapped_optimizer, torch.optim.SGD) and t.unwrapped_optimizer.defaults["momentum"] == 0.9
 
     t = Trainer(_mlp(), train_dataloader=_loader(), criterion=nn.MSELoss(), device="cpu",
                 config={"max_steps": 1, "weight_decay": 0.1, "learning_rate": 3e-3})
     t.train()
-    groups = t._inner_optimizer.param_groups
-    assert isinstance(t._inner_optimizer, torch.optim.AdamW)
+    groups = t.unwrapped_optimizer.param_groups
+    assert isinstance(t.unwrapped_optimizer, torch.optim.AdamW)
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.1), (2, 0.0)]  # matrices / biases
 
     with pytest.raises(ValueError, match="^optimizer: it holds parameters that are not the model's"):

@@ -148,18 +148,18 @@ def test_trainer_resume_keeps_a_reduced_schedule(tmp_path):
             return build_schedule(self.optimizer, "cosine", self.max_steps, warmup_steps=2, min_lr_ratio=0.1)
 
     a = Scheduled(max_steps=12, device="cpu")
-    a._build()
+    a.build()
     for _ in range(5):
-        a._run_step()
+        a.run_step()
     reduce_lr(a, 0.5)
     state = _save_load(a.state_dict())
     b = Scheduled(max_steps=12, device="cpu")
     b.load_state_dict(state)
-    b._build()
+    b.build()
     lrs_a, lrs_b = [], []
     for t, out in ((a, lrs_a), (b, lrs_b)):
         while t.step < t.max_steps:
-            t._run_step()
+            t.run_step()
             out.append(t.step_info["lr"][0])
     assert lrs_a == lrs_b
     assert lrs_a[-1] == pytest.approx(0.5 * 0.1 * _cos(0.1, 10 / 10))  # base 0.1, halved, at the floor

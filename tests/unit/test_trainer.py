@@ -112,7 +112,7 @@ def test_accumulation_equals_one_larger_batch(k):
 
 
 def _built(self):
-    self._build()
+    self.build()
     return self.model
 
 

@@ -2,6 +2,7 @@
 
 Usage: resume_run.py WORKSPACE --max-steps N [--kill-at K [--mid-window] [--kill-rank R]]
        [--workers W] [--accum A] [--batch-size B] [--slow-save-at S] [--fsdp | --deepspeed STAGE]
+       [--dump-loaded PATH] [--dump-at STEP]
 
 Shuffling, dropout, an LR schedule, AdamW, accumulation and DataLoader workers are all on, so
 every source of state a resume must restore matters. Each rank appends one JSON line per
@@ -80,6 +81,8 @@ class ResumeTrainer(BaseTrainer):
         rank = self.accelerator.process_index
         hooks = [StepLog(self.workspace / f"steps_rank{rank}.jsonl"),
                  CheckpointingHook(interval=self.args.interval, keep_previous=None)]
+        if self.args.dump_at is not None:
+            hooks.append(DumpLoaded(self.workspace / f"state_at_{self.args.dump_at}.pt", at=self.args.dump_at))
         return [*hooks, DumpLoaded(self.args.dump_loaded)] if self.args.dump_loaded else hooks
 
     def forward(self, input):
@@ -96,20 +99,51 @@ class ResumeTrainer(BaseTrainer):
         return nn.functional.binary_cross_entropy_with_logits(logits, y), {}
 
 
+def full_state(trainer) -> tuple[dict, dict]:
+    """The full weights and optimizer state, world-size independent; every rank must call it.
+
+    Under DeepSpeed, gathered per parameter by DeepSpeed's own API (``safe_get_full_fp32_param``,
+    ``safe_get_full_optimizer_state``: the fp32 master weights and AdamW moments), so a test of
+    acceltrain's ZeRO re-partitioning does not check it with acceltrain's code.
+    """
+    if trainer.engine_kind == "deepspeed":
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        opt = trainer.model.optimizer
+        steps = sorted({float(st["step"]) for st in opt.optimizer.state.values() if "step" in st})
+        state = {}
+        for name, param in trainer.model.module.named_parameters():
+            state[name] = {"fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
+                           **{key: safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                              for key in ("exp_avg", "exp_avg_sq")}}
+        return {}, {"state": state, "steps": steps, "lr": [g["lr"] for g in opt.param_groups],
+                    "engine": [trainer.model.global_steps, trainer.model.global_samples,
+                               trainer.model.gradient_accumulation_steps()]}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(trainer.model, trainer.unwrapped_optimizer, options=StateDictOptions(full_state_dict=True))
+
+
 class DumpLoaded(BaseHook):
-    """After the resume (it runs after CheckpointingHook): the full weights and optimizer state as loaded."""
+    """After the resume (it runs after CheckpointingHook): the full weights and optimizer state as
+    loaded; with ``at``, instead the state after step ``at`` (what a checkpoint of that step holds)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, at: int | None = None):
+        self.path, self.at = path, at
 
-    def on_before_train(self, trainer):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model, optim = get_state_dict(trainer.model, trainer._inner_optimizer,
-                                      options=StateDictOptions(full_state_dict=True))  # every rank: collective
+    def _dump(self, trainer):
+        model, optim = full_state(trainer)  # every rank: collective
         if trainer.is_main_process:
             torch.save({"model": model, "optimizer": optim, "step": trainer.step,
                         "accumulation": trainer.gradient_accumulation_steps}, self.path)
+
+    def on_before_train(self, trainer):
+        if self.at is None:
+            self._dump(trainer)
+
+    def on_after_step(self, trainer):
+        if trainer.step == self.at:
+            self._dump(trainer)
 
 
 class KillAfterStep(BaseHook):
@@ -147,6 +181,7 @@ def main() -> None:
     ap.add_argument("--no-shuffle", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.3)
     ap.add_argument("--dump-loaded", type=Path, help="write the state as loaded by the resume here")
+    ap.add_argument("--dump-at", type=int, help="write the state after this step to WORKSPACE/state_at_STEP.pt")
     ap.add_argument("--allow-global-batch-change", action="store_true")
     ap.add_argument("--second-signal", action="store_true", help="SIGTERM again in the middle of the save")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 on the CPU ranks (tests.helpers shim)")
@@ -232,7 +267,7 @@ def main() -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    full_model, full_optim = get_state_dict(trainer.model, trainer._inner_optimizer,
+    full_model, full_optim = get_state_dict(trainer.model, trainer.unwrapped_optimizer,
                                             options=StateDictOptions(full_state_dict=True))  # collective
     if trainer.is_main_process:  # world-size independent, for the elastic tests
         torch.save({"model": full_model, "optimizer": full_optim, "step": trainer.step}, args.workspace / "final_full.pt")
