@@ -3,6 +3,7 @@ and their checks; a recipe's config subclasses them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -85,6 +86,9 @@ class TrainingConfig(TrackingFields):
     allow_global_batch_change: bool = field(default=False, metadata={
         "help": "Resuming on another number of processes: continue even when no accumulation keeps the "
                 "samples per step (default: refuse)"})
+    collective_timeout: float = field(default=60.0, metadata={
+        "help": "Seconds a collective in the step loop waits for its peers before the rank exits "
+                "(a dead node ends the job instead of hanging it)"})
 
     def validate_training(self) -> None:
         """Raise ConfigError for a count below 1 or a learning rate out of range."""
@@ -97,13 +101,16 @@ class TrainingConfig(TrackingFields):
         for name in ("warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.collective_timeout < math.inf:
+            raise ConfigError(f"collective_timeout must be a number of seconds > 0, got {self.collective_timeout}")
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """The ``BaseTrainer`` arguments these fields decide."""
         return dict(max_steps=self.max_steps, grad_clip=self.grad_clip, max_non_finite_grad_retries=3,
                     mixed_precision=choose_precision(self.mixed_precision),
                     gradient_accumulation_steps=self.gradient_accumulation_steps, workspace=self.output_dir,
-                    data_seed=self.seed, allow_global_batch_change=self.allow_global_batch_change)
+                    data_seed=self.seed, allow_global_batch_change=self.allow_global_batch_change,
+                    collective_timeout=self.collective_timeout)
 
 
 @dataclass

@@ -74,6 +74,8 @@ def test_pretrain_config_is_a_training_config_with_its_own_defaults():
     ("sample_tokens", -1, "sample_tokens must be >= 0, got -1"),
     ("lr", 0.0, "lr must be > 0 and min_lr_ratio in [0, 1], got 0.0 and 0.1"),
     ("grad_clip", 0.0, "grad_clip must be > 0 and weight_decay >= 0, got 0.0 and 0.1"),
+    ("collective_timeout", 0.0, "collective_timeout must be a number of seconds > 0, got 0.0"),
+    ("collective_timeout", float("inf"), "collective_timeout must be a number of seconds > 0, got inf"),
 ])
 def test_pretrain_config_checks_inherited_and_own_fields(field, value, message):
     from acceltrain.config import ConfigError
@@ -96,3 +98,14 @@ def test_every_recipe_main_is_run_recipe(monkeypatch):
         assert (config_class, trainer_class) == module.RECIPE and argv == ["--x"]
         assert kw["prog"] == f"recipes/{name}.py"
     assert recipe_trainer.run_recipe.__module__ == "acceltrain.recipe.trainer"
+
+
+@pytest.mark.parametrize("name", ["pretrain", "causal_lm", "classify"])
+def test_every_recipe_takes_collective_timeout_to_the_trainer(name):
+    from acceltrain.config import parse_config
+
+    module = _recipe(name)
+    config_class = module.RECIPE[0]
+    assert parse_config(config_class, []).trainer_kwargs()["collective_timeout"] == 60.0  # BaseTrainer's default
+    cfg = parse_config(config_class, ["--collective_timeout", "300"])
+    assert cfg.trainer_kwargs()["collective_timeout"] == 300.0
