@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import UserError
 from .llm_trainer_config import is_nested_config, pretrain_flags
 
@@ -48,7 +49,7 @@ def _checkpoint_run_dir(path: str) -> Path:
     folder = Path(path)
     if not folder.exists():
         raise UserError(f"--resume_from_checkpoint {path}: no such folder")
-    if (folder / "checkpoints").is_dir() and not (folder / "manifest.json").exists():
+    if (folder / CHECKPOINTS_SUBDIR).is_dir() and not (folder / "manifest.json").exists():
         return folder  # a run folder: continue from its latest checkpoint
     try:
         verify_checkpoint(folder)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
+from ..checkpoint_names import CHECKPOINTS_SUBDIR, step_folder_name
 from ..evaluation import EvaluationHook
 from ..hooks.base import BaseHook
 from ..hooks.checkpointing import CheckpointingHook
@@ -129,7 +130,7 @@ class GenericTrainerConfig:
     max_epochs: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
-    checkpoint_dir: str | Path = "checkpoints"
+    checkpoint_dir: str | Path = CHECKPOINTS_SUBDIR
     save_every_n_epochs: int = 1
     save_every_n_steps: int | None = None
     keep_last: int | None = 2
@@ -338,7 +339,7 @@ class GenericTrainer(BaseTrainer):
         self._require_built("save_checkpoint()")
         self.checkpointing.save(self)
         self.checkpointing.wait()
-        return self.checkpointing.root(self) / f"checkpoint_step_{self.step}"
+        return self.checkpointing.root(self) / step_folder_name(self.step)
 
     def load_checkpoint(self, checkpoint_path: str | Path | None = None) -> ResumeState:
         """Load ``checkpoint_path`` (default: the latest valid one in ``checkpoint_dir``) and say

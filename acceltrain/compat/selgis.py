@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..checkpoint import CheckpointError, find_latest_checkpoint, restore_tied
+from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import ConfigError
 from ..evaluation import EvaluationHook
 from ..hooks import CheckpointingHook, GuardHook, LoggingHook
@@ -202,7 +203,7 @@ class Trainer(_OneCallTrainer):
         if cfg.state_storage == "memory" or any(isinstance(h, CheckpointingHook) for h in self._callbacks):
             return None
         # CheckpointingHook puts a relative path inside the workspace (output_dir); state_dir is the user's own.
-        return Path(cfg.state_dir).resolve() if cfg.state_dir else Path(cfg.output_dir).resolve() / "checkpoints"
+        return Path(cfg.state_dir).resolve() if cfg.state_dir else Path(cfg.output_dir).resolve() / CHECKPOINTS_SUBDIR
 
     def build_hooks(self) -> list[BaseHook]:
         cfg, spe, has_eval = self.config, self.steps_per_epoch, self._eval_loader is not None

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..checkpoint_manager import CheckpointManager as _CheckpointManager
+from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..data.char_tokenizer import CharacterLevelTokenizer
 from ..data.dataset_loader import DatasetLoader
 from ..data.tokenizer_check import detect_strategy, tokenizer_for, validate_tokenizer
@@ -250,7 +251,7 @@ class TrainingCoordinator:
             trainer.config.save_interval = trainer.steps_per_epoch
         trainer.tokenizer = dm.tokenizer
         trainer.train()
-        best = CheckpointManager(self.output_dir / "checkpoints", monitor="eval/loss").get_best_checkpoint_path()
+        best = CheckpointManager(self.output_dir / CHECKPOINTS_SUBDIR, monitor="eval/loss").get_best_checkpoint_path()
         final = next((dict(h.last) for h in trainer.hooks if type(h).__name__ == "EvaluationHook" and h.last), {})
         return _adapt({"best_model_path": best, "final_metrics": final, "trainer": trainer,
                        "model": trainer.unwrapped_model, "tokenizer": dm.tokenizer}, common["learning_rate"], vocab_size)
