@@ -49,10 +49,8 @@ def _literals(path: Path) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("folder", ["acceltrain", "recipes", "benchmarks"])
 def test_no_module_but_checkpoint_names_spells_them(folder):
-    # acceltrain/compat/ (the seeds' APIs) is another branch's ground; it reads the names from
-    # acceltrain.checkpoint too, except one line in compat/mtf_trainer.py.
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"
              for path in sorted((ROOT / folder).rglob("*.py"))
-             if path.name != "checkpoint_names.py" and "compat" not in path.parts
+             if path.name != "checkpoint_names.py"
              for line, text in _literals(path) if any(s in text for s in _SPELLINGS)]
     assert not found, found
