@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mib  # noqa: E402
 
 
 def load_recipe():
@@ -104,7 +105,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, float]:
         data_share = float("nan")
     steps = cfg.max_steps - args.warmup
     return {"tokens_per_s": steps * tokens_per_step / seconds, "data_share": data_share,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": peak_rss_mib() / 1024}
 
 
 def ab(args: argparse.Namespace, control: bool = False) -> dict[str, float]:
