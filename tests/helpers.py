@@ -204,3 +204,17 @@ def require_slurm(nodes: tuple[str, ...] = ()) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true: {problem}")
         pytest.skip(problem)
+
+
+def load_recipe(name: str, tag: str = "test"):
+    """Import ``recipes/<name>.py`` as a module of its own (``<name>_recipe_<tag>``)."""
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe_{tag}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

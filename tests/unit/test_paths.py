@@ -11,7 +11,7 @@ import torch
 from acceltrain import CheckpointingHook, ImageFileLoggerHook
 from acceltrain.export import ExportHook
 from acceltrain.utils import in_workspace
-from tests.helpers import ToyTrainer, step_dir
+from tests.helpers import ToyTrainer, load_recipe, step_dir
 
 
 @pytest.mark.parametrize(
@@ -56,16 +56,7 @@ def test_seed_idiom_with_a_relative_workspace(tmp_path, monkeypatch):
 
 
 def _load_recipe(name: str):
-    import importlib.util
-    import sys
-
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe_paths", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe(name, "paths")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pytest
 
 from acceltrain.config import UserError
 from acceltrain.recipe_kit import guard_output_dir
+from tests.helpers import load_recipe
 
 
 def test_a_fresh_or_missing_folder_passes(tmp_path):
@@ -45,16 +46,7 @@ def test_resume_and_overwrite_together_is_an_error(tmp_path):
 
 
 def _recipe(name: str):
-    import importlib.util
-    import sys
-
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(f"{name}_recipe_unit", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe(name, "unit")
 
 
 def test_pretrain_config_is_a_training_config_with_its_own_defaults():
