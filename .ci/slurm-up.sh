@@ -129,6 +129,9 @@ MpiDefault=none
 JobRequeue=1
 ReturnToService=2
 MinJobAge=600
+# A loaded CI machine can take more than the default 60 s to reap a killed step; past this, slurmd
+# would drain the node and every later job would wait for it.
+UnkillableStepTimeout=180
 $NODE_LINES
 PartitionName=debug Nodes=$NODE_LIST Default=YES MaxTime=INFINITE State=UP
 EOF

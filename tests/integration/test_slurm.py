@@ -86,13 +86,71 @@ def state(job: str) -> str:
     return proc.stdout.strip()
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
+def wait_for(what: str, check: Callable[[], bool], timeout: float, log: Path | None = None,
+             jobs: tuple[str, ...] = ()) -> None:
+    """Poll ``check`` until it holds; past ``timeout``, fail with the log's tail and, for
+    ``jobs``, what SLURM says of them (cluster_report)."""
+    deadline = time.monotonic() + timeout
     while not check():
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+            report = f"\n{cluster_report(*jobs)}" if jobs else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}{report}")
         time.sleep(0.2)
+
+
+def cluster_report(*jobs: str) -> str:
+    """What SLURM says of the nodes and of ``jobs`` (state, reason, the controller's log lines):
+    appended to a failure, to say why a job did not run."""
+    out = []
+    for cmd in (["sinfo", "-N", "-o", "%N %T %E"], *(["scontrol", "show", "job", j] for j in jobs)):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        out.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    ctld = Path("/var/log/slurm/slurmctld.log")
+    if jobs and ctld.is_file():
+        wanted = [re.compile(rf"JobId={j}\b|job_id={j}\b|JOB {j}\b") for j in jobs]
+        lines = [ln for ln in ctld.read_text(errors="replace").splitlines() if any(w.search(ln) for w in wanted)]
+        out.append(f"$ grep job {' '.join(jobs)} {ctld}\n" + "\n".join(lines[-40:]))
+    return "\n".join(out)
+
+
+def wait_nodes_idle(timeout: float = 120) -> None:
+    """Every node idle: after a job ends (or is requeued) its node stays `completing` until slurmd
+    has reaped the job's steps, and a job started meanwhile can fail to launch there."""
+    def idle() -> bool:
+        proc = subprocess.run(["sinfo", "--noheader", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30)
+        states = proc.stdout.split()
+        return proc.returncode == 0 and bool(states) and all(s == "idle" for s in states)
+    deadline = time.monotonic() + timeout
+    while not idle():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the nodes did not come back idle within {timeout:.0f} s\n{cluster_report()}")
+        time.sleep(0.5)
+
+
+def restart_requeued(job: str, log: Path, timeout: float = 300) -> None:
+    """Wait for ``job`` to requeue itself, start it again at once and wait for that run to end.
+
+    `scontrol requeue` from inside a job leaves it PENDING (BeginTime) for ~2 minutes; it is
+    started once every node is idle (the first run's steps reaped), and the StartTime update is
+    repeated while it still waits on BeginTime (an update that lands while the requeue is still
+    completing can be overwritten by it)."""
+    wait_for("the requeued job to be pending", lambda: state(job) in ("PENDING", ""), 120, log, (job,))
+    assert state(job) == "PENDING", f"the job was not requeued\n{log.read_text()[-3000:]}\n{cluster_report(job)}"
+    wait_nodes_idle()
+    last_update = 0.0
+
+    def restarted() -> bool:
+        nonlocal last_update
+        if "SLURM_RESTART_COUNT=1" in log.read_text() and state(job) == "":
+            return True
+        if time.monotonic() - last_update > 15 and state(job) == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+            last_update = time.monotonic()
+        return False
+    # Gone from the queue *after* the rerun started (between requeue and restart squeue can
+    # briefly report nothing on a loaded machine).
+    wait_for("the resumed job to finish", restarted, timeout, log, (job,))
 
 
 def last_step(log: Path) -> int:
@@ -122,7 +180,7 @@ def test_usr1_saves_requeues_and_resumes_bit_identically(cluster, tmp_path: Path
     assert job.isdigit(), job
     reference = None
     try:
-        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 180, log)
+        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 180, log, (job,))
         assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before it could be signalled"
         # scancel itself, not `acceltrain slurm cancel` (tested with a fake scancel): the CLI's 3 s
         # start-up would let this tiny run get too far.
@@ -135,14 +193,7 @@ def test_usr1_saves_requeues_and_resumes_bit_identically(cluster, tmp_path: Path
              "--config_file", accelerate_config, str(ROOT / "recipes" / "pretrain.py"),
              "--output_dir", str(tmp_path / "reference"), *train, "--resume", "true"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        # `scontrol requeue` from inside the job leaves it PENDING (BeginTime) for ~2 minutes.
-        wait_for("the requeued job to be pending", lambda: state(job) in ("PENDING", ""), 120, log)
-        assert state(job) == "PENDING", f"the job was not requeued\n{log.read_text()[-3000:]}"
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-        # Gone from the queue *after* the rerun started (between requeue and restart squeue can
-        # briefly report nothing on a loaded machine).
-        wait_for("the resumed job to finish",
-                 lambda: "SLURM_RESTART_COUNT=1" in log.read_text() and state(job) == "", 300, log)
+        restart_requeued(job, log)
         ref_out, _ = reference.communicate(timeout=240)
         assert reference.returncode == 0, ref_out[-3000:]
     finally:
@@ -181,7 +232,7 @@ def test_sweep_runs_as_a_job_array(cluster, tmp_path: Path):
     job = cli("sweep", str(sweep), "--slurm").stdout.strip()
     assert job.isdigit(), job
     try:
-        wait_for("the array job to finish", lambda: state(job) == "", 180)
+        wait_for("the array job to finish", lambda: state(job) == "", 180, jobs=(job,))
     finally:
         if state(job):
             subprocess.run(["scancel", job], timeout=30)

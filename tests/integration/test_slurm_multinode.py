@@ -38,7 +38,17 @@ from tests.helpers import (
     step_folder_name,
 )
 from tests.integration.test_pretrain import make_corpus
-from tests.integration.test_slurm import SMALL, cli, job_env, last_step, state, wait_for
+from tests.integration.test_slurm import (
+    SMALL,
+    cli,
+    cluster_report,
+    job_env,
+    last_step,
+    restart_requeued,
+    state,
+    wait_for,
+    wait_nodes_idle,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 40
@@ -80,33 +90,10 @@ def submit(data: dict, name: str, out: Path, *, nodes: int = 2) -> tuple[str, Pa
 
 def wait_done(job: str, log: Path, timeout: float = 300) -> None:
     try:
-        wait_for(f"job {job} to leave the queue", lambda: state(job) == "", timeout, log)
+        wait_for(f"job {job} to leave the queue", lambda: state(job) == "", timeout, log, (job,))
     finally:
         if state(job):
             subprocess.run(["scancel", job], timeout=30)
-
-
-def cluster_report(*jobs: str) -> str:
-    """What SLURM says of the nodes and of ``jobs``: appended to a failure, to say why a job did not run."""
-    out = []
-    for cmd in (["sinfo", "-N", "-o", "%N %T %E"], *(["scontrol", "show", "job", j] for j in jobs)):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        out.append(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-    return "\n".join(out)
-
-
-def wait_nodes_idle(timeout: float = 120) -> None:
-    """Both nodes idle again: after a job whose processes were killed by hand, a node stays
-    `completing` until slurmd has reaped the step, and a job submitted meanwhile waits for it."""
-    def idle() -> bool:
-        proc = subprocess.run(["sinfo", "--noheader", "-N", "-n", "n1,n2", "-o", "%N %t"], capture_output=True,
-                              text=True, timeout=30)
-        return sorted(proc.stdout.split()) == ["idle", "idle", "n1", "n2"]
-    deadline = time.monotonic() + timeout
-    while not idle():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the nodes did not come back idle within {timeout:.0f} s\n{cluster_report()}")
-        time.sleep(0.5)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -128,7 +115,7 @@ def uninterrupted(two_nodes, data) -> dict:
     try:
         # The job's main process trains the tokenizer into the shared cache first; the local
         # run starts once that is complete (past step 1), so both read the same files.
-        wait_for("the 2-node job to pass step 1", lambda: last_step(log) >= 1 or state(job) == "", 240, log)
+        wait_for("the 2-node job to pass step 1", lambda: last_step(log) >= 1 or state(job) == "", 240, log, (job,))
         env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                "ACCELTRAIN_CACHE": str(data["base"] / "cache")}
         reference = subprocess.run(
@@ -188,14 +175,10 @@ def test_usr1_on_two_nodes_saves_requeues_once_and_resumes_bit_identically(unint
     out = data["base"] / "preempted"
     job, log = submit(data, "preempted", out)
     try:
-        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 240, log)
+        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 240, log, (job,))
         assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before it could be signalled"
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        wait_for("the requeued job to be pending", lambda: state(job) in ("PENDING", ""), 120, log)
-        assert state(job) == "PENDING", f"the job was not requeued\n{log.read_text()[-3000:]}"
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-        wait_for("the resumed job to finish", lambda: "SLURM_RESTART_COUNT=1" in log.read_text() and state(job) == "",
-                 300, log)
+        restart_requeued(job, log)
     finally:
         if state(job):
             subprocess.run(["scancel", job], timeout=30)
@@ -250,7 +233,7 @@ def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes
     out = data["base"] / f"{what}_failure"
     job, log = submit(data, f"{what}_failure", out)
     try:
-        wait_for("the job to pass step 12", lambda: last_step(log) >= 12 or state(job) == "", 240, log)
+        wait_for("the job to pass step 12", lambda: last_step(log) >= 12 or state(job) == "", 240, log, (job,))
         assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before its node could fail"
         task = node_task(job, "1")
         workers = task.children(recursive=True)
@@ -258,7 +241,7 @@ def test_sigkill_of_the_rank1_nodes_task_ends_the_job_and_a_resubmission_resumes
         for proc in [task, *(workers if what == "node" else [])]:
             proc.send_signal(signal.SIGKILL)
         killed_at, killed = last_step(log), time.monotonic()
-        wait_for("the job to end", lambda: state(job) == "", FAILURE_BOUND_S, log)
+        wait_for("the job to end", lambda: state(job) == "", FAILURE_BOUND_S, log, (job,))
         # SLURM can drop the job from the queue while a rank that escaped its process tracking
         # (torchrun's workers run in sessions of their own) still saves: the bound is on every
         # process of the job, and a resubmission must not start beside one.
