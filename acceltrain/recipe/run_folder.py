@@ -114,4 +114,7 @@ def write_run_config(workspace: Path, cfg: Any) -> None:
     from ..config import config_to_dict
 
     workspace.mkdir(parents=True, exist_ok=True)
-    (workspace / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # Atomically: a run killed mid-write leaves the previous config.yaml, not half of the new one.
+    tmp = workspace / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, workspace / "config.yaml")

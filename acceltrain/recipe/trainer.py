@@ -136,7 +136,9 @@ def run_recipe(config_class: type[Any], trainer_class: type[RecipeTrainer], argv
         if announce is not None:
             announce(trainer)
         write_run_config(trainer.workspace, cfg)
-    trainer.train()
-    final = trainer.finish()
-    trainer.close()
+    try:
+        trainer.train()
+        final = trainer.finish()
+    finally:  # trackers closed and the process group torn down on an error too
+        trainer.close()
     return final

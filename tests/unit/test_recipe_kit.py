@@ -101,3 +101,55 @@ def test_every_recipe_takes_collective_timeout_to_the_trainer(name):
     assert parse_config(config_class, []).trainer_kwargs()["collective_timeout"] == 60.0  # BaseTrainer's default
     cfg = parse_config(config_class, ["--collective_timeout", "300"])
     assert cfg.trainer_kwargs()["collective_timeout"] == 300.0
+
+
+def _failing_recipe(tmp_path, fail_in: str):
+    """run_recipe's own control flow around a trainer whose train() or finish() raises."""
+    from dataclasses import dataclass
+
+    from acceltrain.config import UserError
+
+    events = []
+
+    @dataclass
+    class Config:
+        output_dir: str = str(tmp_path / "run")
+
+        def validate(self):
+            pass
+
+    class Trainer:
+        is_main_process = True
+
+        def __init__(self, cfg):
+            from pathlib import Path
+
+            self.workspace = Path(cfg.output_dir)
+
+        def train(self):
+            events.append("train")
+            if fail_in == "train":
+                raise UserError("the data went away")
+
+        def finish(self):
+            events.append("finish")
+            raise UserError("--output_dir: no space left to export")
+
+        def close(self):
+            events.append("close")
+
+    return Config, Trainer, events
+
+
+@pytest.mark.parametrize("fail_in, expected", [("train", ["train", "close"]),
+                                              ("finish", ["train", "finish", "close"])])
+def test_run_recipe_closes_the_trainer_when_training_or_export_fails(tmp_path, capsys, fail_in, expected):
+    from acceltrain.recipe.trainer import run_recipe
+
+    config, trainer, events = _failing_recipe(tmp_path, fail_in)
+    with pytest.raises(SystemExit) as e:
+        run_recipe(config, trainer, [], prog="recipes/x.py")
+    assert e.value.code == 2 and events == expected  # trackers and the process group are closed too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / ".config.yaml.tmp").exists()
