@@ -22,8 +22,8 @@ class ExportHook(BaseHook):
     final export is written when the run reaches ``max_steps`` or stops early on purpose (early
     stopping), not when a signal stopped it (``trainer.stopped_by_signal``: a preemption or a
     cancel, which a resumed run finishes). Every rank must run it (gathering shards is
-    collective); in a multi-process run place it after ``CheckpointingHook``, which tells the
-    ranks that received no signal about the others'.
+    collective). A signal may reach only some ranks: the ranks agree on it (one small all-reduce
+    when training ends), so they all export or none does, wherever the hook sits in ``hooks``.
 
     Example:
         >>> ExportHook(path="final")
@@ -43,5 +43,17 @@ class ExportHook(BaseHook):
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
         # Finished, or stopped early on purpose (early stopping); not when preempted or cancelled.
-        if trainer.step == trainer.max_steps or (trainer.should_stop and not trainer.stopped_by_signal):
+        if trainer.step == trainer.max_steps or (trainer.should_stop and not _any_rank_signalled(trainer)):
             save_pretrained(trainer, self._root(trainer), merge_lora=self.merge_lora)
+
+
+def _any_rank_signalled(trainer: BaseTrainer) -> bool:
+    """Whether a signal stopped any rank (the ranks that received none know only after this)."""
+    signalled = trainer.stopped_by_signal
+    if trainer.accelerator.num_processes == 1:
+        return signalled
+    import torch
+
+    flag = torch.tensor([float(signalled)], device=trainer.device)
+    torch.distributed.all_reduce(flag)  # SUM of 0/1
+    return flag.item() > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
-from tests.helpers import ToyTrainer
+from tests.helpers import ToyTrainer, run_step_dir
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_check.py"
 pytestmark = pytest.mark.multiproc
@@ -106,11 +106,26 @@ def test_none_on_the_syncing_micro_batch_is_an_error_not_drift(tmp_path):
         assert r["step"] == 0 and "returned None on the last micro-batch" in r["error"]
 
 
-def test_logging_reduces_records_that_only_some_ranks_return(tmp_path):
+@pytest.fixture(scope="module")
+def records_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("records")
+    torchrun(SCRIPT, "records", str(out), "--accum", "1", timeout=180)
+    return out
+
+
+def test_logging_reduces_records_that_only_some_ranks_return(records_run):
     """Rank-dependent record keys: no hang, no misaligned reduce; a key counts where it was seen."""
-    torchrun(SCRIPT, "records", str(tmp_path), "--accum", "1", timeout=180)
-    lines = [json.loads(line) for line in (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (records_run / "ws" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
     for line in lines:
         assert line["records/rank_plus_one"] == 1.5
         assert line["records/only_rank1"] == 2.0
+
+
+def test_a_signal_on_one_rank_stops_every_rank_without_an_export(records_run):
+    """ExportHook before CheckpointingHook, SIGTERM on rank 1 only (after step 2): both ranks stop and
+    save after step 3, whose collective carries the stop; they agree it was a signal (rank 0
+    received none) and export nothing (the resumed run will). Before, rank 0 exported and hung."""
+    for r in _results(records_run):
+        assert r["signalled"] == {"step": 3, "exit": 128 + 15, "stopped_by_signal": True, "exported": False}, r["rank"]
+    assert run_step_dir(records_run / "signalled", 3).is_dir()

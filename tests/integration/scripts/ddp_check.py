@@ -2,6 +2,7 @@
 
 Usage: ddp_check.py MODE OUT_DIR [--accum K] [--no-sync-off]
 Each rank writes OUT_DIR/rank{r}.json with its final parameters and what it counted.
+Mode ``records`` then runs a second trainer that only rank 1 signals (see ``export_after_signal``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ class NaNInIgnoredParam(ToyTrainer):
         return loss, rec
 
 
+def export_after_signal(out: Path) -> dict:
+    """SIGTERM on rank 1 alone after step 2, with ExportHook placed before CheckpointingHook:
+    no rank may export (and none may wait in a collective the others never join)."""
+    import os
+    import signal
+
+    from acceltrain import CheckpointingHook, ExportHook
+
+    class SignalRank1(BaseHook):
+        def on_after_step(self, trainer):
+            if trainer.step == 2 and trainer.accelerator.process_index == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = ToyTrainer(max_steps=6, batch_size=4, n=128, device="cpu", workspace=str(out / "signalled"),
+                         hooks=[SignalRank1(), ExportHook(), CheckpointingHook(interval=100)])
+    code = None
+    try:
+        trainer.train()
+    except SystemExit as e:
+        code = e.code
+    return {"step": trainer.step, "exit": code, "stopped_by_signal": trainer.stopped_by_signal,
+            "exported": (out / "signalled" / "final").exists()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records",
@@ -147,6 +172,7 @@ def main() -> None:
         error = str(e)
     rank = trainer.accelerator.process_index
     metrics = trainer.evaluate() if args.mode == "eval" else None
+    signalled = export_after_signal(args.out) if args.mode == "records" else None
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "rank": rank,
@@ -157,6 +183,7 @@ def main() -> None:
         "error": error,
         "metrics": metrics,
         "guard_events": getattr(getattr(trainer, "guard", None), "events", None),
+        "signalled": signalled,
         "params": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
