@@ -132,10 +132,12 @@ class SelgisCore:
         if device is None or device == "auto":
             device = None if config.device == "auto" else config.device
         t = _CoreTrainer(model, optimizer, inner, config, device)
-        t.build()
+        # Refused before build(): FSDP would already have sharded the caller's model, DeepSpeed
+        # wrapped it in an engine.
         if t.accelerator.distributed_type not in PLAIN_GRADS:
             raise ValueError(f"SelgisCore: the manual loop runs on one process or under DDP, not "
                              f"{t.accelerator.distributed_type.value}: use Trainer, which owns the loop there")
+        t.build()
         self.trainer = t
         self.model, self.optimizer, self.scheduler, self.config = t.model, optimizer, scheduler, config
         self.device = t.device
