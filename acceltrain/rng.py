@@ -30,13 +30,18 @@ def rng_state() -> dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device's generator only: every rank of a node sees every GPU, and reading
+        # them all would open a CUDA context on each GPU from each rank (and pin the checkpoint
+        # to that GPU count). A process that never touched CUDA has no CUDA stream to keep.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA generators only where CUDA is available)."""
+    """Restore what :func:`rng_state` captured (the CUDA generator, into the current device,
+    only where CUDA is available). Older checkpoints kept one state per visible
+    GPU: the current device's entry is taken."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -45,4 +50,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda, device = state["cuda"], torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # the older layout: one state per visible device
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
