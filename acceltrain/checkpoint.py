@@ -75,6 +75,7 @@ __all__ = [
     "list_checkpoints",
     "checkpoint_step",
     "point_link",
+    "full_model_from_shards",
     # Re-exported: the file-format helpers (checkpoint_io), RNG capture (rng), naming (checkpoint_names).
     "add_frozen_weights",
     "restore_tied",
@@ -460,14 +461,25 @@ def _model_shard(folder: Path, manifest: dict[str, Any], rank: int) -> dict[str,
     return weights
 
 
-def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Full model and optimizer state from every saved rank's FSDP2 shards (world-size independent)."""
+def _shard_shapes(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     shapes = manifest.get("dtensor_shapes")
     if shapes is None:
         raise CheckpointError(f"{folder}: sharded by {manifest['world_size']} processes before shard shapes were "
                               f"recorded; resume with {manifest['world_size']} processes")
+    return shapes
+
+
+def full_model_from_shards(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The full model weights from every saved rank's FSDP2 shards (the optimizer shards unread)."""
+    shapes = _shard_shapes(folder, manifest)
+    return full_from_shards([_model_shard(folder, manifest, r) for r in range(int(manifest["world_size"]))],
+                            shapes["model"])
+
+
+def _full_from_shards(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full model and optimizer state from every saved rank's FSDP2 shards (world-size independent)."""
+    shapes = _shard_shapes(folder, manifest)
     world = int(manifest["world_size"])
-    model = full_from_shards([_model_shard(folder, manifest, r) for r in range(world)], shapes["model"])
     optim = full_from_shards([safe_load(folder / f"optimizer_shard_{r}.pt") for r in range(world)], shapes["optimizer"],
                              prefix="")
-    return model, optim
+    return full_model_from_shards(folder, manifest), optim

@@ -38,6 +38,7 @@ from acceltrain.recipe_kit import (
     apply_lora,
     cache_root,
     check_eval_source,
+    check_weights_loadable,
     enable_gradient_checkpointing,
     gather_eval_outputs,
     load_checkpoint_weights,
@@ -117,6 +118,10 @@ class ClassifyTrainer(RecipeTrainer):
                                                            trust_remote_code=cfg.trust_remote_code)
         with acc.main_process_first():  # the tokenizer cache is written once
             self.train_set, self.eval_set = self._prepare_data()
+
+    def check_engine(self) -> None:
+        if self.cfg.export_best:  # refused now, not after training: ZeRO-3 checkpoints hold no weights alone
+            check_weights_loadable(self)
 
     def _prepare_data(self) -> tuple[list[dict], list[dict]]:
         cfg = self.cfg

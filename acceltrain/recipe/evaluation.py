@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import verify_checkpoint
-from ..checkpoint_io import add_frozen_weights, restore_tied
+from ..checkpoint import full_model_from_shards, verify_checkpoint
+from ..checkpoint_io import CheckpointError, add_frozen_weights, load_safetensors, restore_tied
 from ..config import UserError
 from ..trainer import BaseTrainer
 
-__all__ = ["split_indices", "gather_eval_outputs", "load_checkpoint_weights"]
+__all__ = ["split_indices", "gather_eval_outputs", "load_checkpoint_weights", "check_weights_loadable"]
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -67,13 +67,49 @@ def gather_eval_outputs(trainer: BaseTrainer, step: Callable[[Any], dict[str, to
 
 def load_checkpoint_weights(trainer: BaseTrainer, folder: Path) -> None:
     """Load only the model weights of a checkpoint folder (verified first) into the running model:
-    the optimizer, schedule and data position stay as they are. Every rank must call it."""
-    from safetensors.torch import load_file
+    the optimizer, schedule and data position stay as they are. Every rank must call it.
+
+    Reads every layout a run writes: one ``model.safetensors`` (one process, DDP, DeepSpeed ZeRO
+    0-2) or FSDP2's per-rank shards, reassembled whatever the number of processes now. DeepSpeed
+    ZeRO-3 keeps its weights only in the optimizer partitions: refused (see
+    :func:`check_weights_loadable`, which a recipe calls before training).
+
+    Raises:
+        CheckpointError: the folder fails verification, or it is a ZeRO-3 checkpoint.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     manifest = verify_checkpoint(folder)
-    weights = load_file(str(folder / "model.safetensors"))
-    if manifest.get("frozen"):  # a LoRA checkpoint stores only what trains
-        add_frozen_weights(trainer.unwrapped_model, weights, manifest["frozen"], folder)
-    restore_tied(trainer.unwrapped_model, weights)
-    set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True))
+    stage = (manifest.get("deepspeed") or {}).get("zero_stage")
+    if stage == 3:
+        raise CheckpointError(f"{folder}: {_ZERO3}")
+    model = trainer.unwrapped_model
+    if manifest.get("sharded"):
+        weights = full_model_from_shards(folder, manifest)
+    else:
+        weights = load_safetensors(folder / "model.safetensors")
+        if manifest.get("frozen"):  # a LoRA checkpoint stores only what trains
+            add_frozen_weights(model, weights, manifest["frozen"], folder)
+    restore_tied(model, weights)
+    if trainer.engine_kind == "deepspeed":  # ZeRO 0-2: whole parameters on every rank, loaded in place
+        model.load_state_dict(weights)
+    else:
+        set_model_state_dict(trainer.model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+_ZERO3 = ("DeepSpeed ZeRO-3 keeps the weights only in its optimizer partitions, which cannot be loaded "
+          "into the model alone; export the last step (--export_best false) or train with ZeRO-2 or FSDP2")
+
+
+def check_weights_loadable(trainer: BaseTrainer, what: str = "--export_best true") -> None:
+    """Refuse, before training, a run whose checkpoints :func:`load_checkpoint_weights` cannot read
+    (DeepSpeed ZeRO-3); ``what`` names the option that asks for it.
+
+    Raises:
+        UserError: the run trains under ZeRO-3.
+    """
+    if trainer.engine_kind != "deepspeed":
+        return
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is not None and int(plugin.zero_stage) == 3:
+        raise UserError(f"{what} under {_ZERO3}")

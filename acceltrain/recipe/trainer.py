@@ -43,6 +43,7 @@ class RecipeTrainer(BaseTrainer):
         if problem:
             raise UserError(f"--output_dir {cfg.output_dir}: {problem}")
         super().__init__(**trainer_kwargs)
+        self.check_engine()  # before the output folder is looked at or cleared
         # Recipes train tokenizers and pack data in their constructors: a signal there exits cleanly.
         self._early_exit.install()
         if "allow_global_batch_change" not in trainer_kwargs:
@@ -69,6 +70,10 @@ class RecipeTrainer(BaseTrainer):
     def build_lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         return warmup_cosine(self.optimizer, warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps,
                              min_lr_ratio=self.cfg.min_lr_ratio)
+
+    def check_engine(self) -> None:
+        """Refuse (``UserError``) an engine this recipe's options cannot run on; the Accelerator
+        exists, the output folder is untouched. The default accepts every engine."""
 
     def standard_hooks(self, *, first: list[BaseHook] | None = None, extra: list[BaseHook] | None = None,
                        **checkpointing: Any) -> list[BaseHook]:

@@ -181,6 +181,20 @@ def test_zero_checkpoint_has_a_valid_manifest_and_loads_without_unpickling(zero,
         torch.load(folder / name, weights_only=True)  # no DeepSpeed objects: nothing to unpickle
 
 
+def test_the_weights_alone_of_a_zero3_checkpoint_are_refused_naming_the_folder(zero):
+    """classify's --export_best loads only a checkpoint's weights; ZeRO-3 has none outside its
+    optimizer partitions (the recipe refuses that combination before training)."""
+    from acceltrain.checkpoint import CheckpointError
+    from acceltrain.recipe_kit import load_checkpoint_weights
+    from tests.helpers import ToyTrainer
+
+    folder = step_dir(ckpt_root(zero["ws"]["z3_b"]), 3)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint_weights(ToyTrainer(device="cpu"), folder)
+    assert str(e.value).startswith(f"{folder}: DeepSpeed ZeRO-3 keeps the weights only in its optimizer partitions")
+    assert "--export_best false" in str(e.value)
+
+
 def test_a_different_zero_stage_is_refused_naming_it(zero):
     code, text = zero["refused"]["z2_as_z3"]
     assert code == 2, text[-4000:]

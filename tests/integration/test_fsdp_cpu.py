@@ -58,6 +58,10 @@ def test_fsdp2_export_is_one_safetensors_hf_folder(tmp_path):
     with torch.no_grad():
         got = model(input_ids=torch.arange(10).unsqueeze(0)).logits
     torch.testing.assert_close(got, torch.load(tmp_path / "logits.pt"), atol=1e-5, rtol=0)
+    # classify's --export_best path: an earlier sharded checkpoint's weights, reassembled from both
+    # ranks' shards and loaded into the live FSDP2 model, are that step's weights bitwise.
+    assert json.loads((tmp_path / "reload.json").read_text()) == {"sharded": True, "step": 4, "names": True,
+                                                                  "unequal": []}
 
 
 # ---------------------------------------------------------------- elastic resume (another world size)

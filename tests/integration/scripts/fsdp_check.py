@@ -1,7 +1,9 @@
 """Run under torchrun (2 CPU ranks, gloo): the trainer on FSDP2 (or DDP for reference).
 
 Usage: fsdp_check.py toy OUT [--ddp]   -> OUT/params.json (full parameters after 10 steps)
-       fsdp_check.py hf OUT            -> OUT/hf (save_pretrained of a tiny Llama) + OUT/logits.pt
+       fsdp_check.py hf OUT            -> OUT/hf (save_pretrained of a tiny Llama) + OUT/logits.pt, and
+                                          OUT/reload.json: the step-2 checkpoint's weights loaded back
+                                          at the end (load_checkpoint_weights, as classify's export_best)
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from acceltrain import BaseTrainer  # noqa: E402
+from acceltrain import BaseHook, BaseTrainer, CheckpointingHook  # noqa: E402
 from tests.helpers import ToyTrainer, cpu_fsdp2_accelerator  # noqa: E402
 
 
 class TinyLlama(BaseTrainer):
+    def __init__(self, hooks: list | None = None, **kw):
+        super().__init__(**kw)
+        self._extra_hooks = hooks or []
+
+    def build_hooks(self):
+        return list(self._extra_hooks)
+
     def build_data_loader(self):
         ids = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(0))
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
@@ -38,6 +47,17 @@ class TinyLlama(BaseTrainer):
     def forward(self, input):
         (ids,) = input
         return self.model(input_ids=ids, labels=ids).loss, {}
+
+
+class FullAt(BaseHook):
+    """The full weights after step ``step`` (gathered on rank 0; collective)."""
+
+    def __init__(self, step: int):
+        self.step, self.weights = step, None
+
+    def on_after_step(self, trainer):
+        if trainer.step == self.step:
+            self.weights = {k: v.clone() for k, v in trainer.accelerator.get_state_dict(trainer.model).items()}
 
 
 def main() -> None:
@@ -59,7 +79,8 @@ def main() -> None:
             (args.out / "params.json").write_text(json.dumps({k: v.flatten().tolist() for k, v in full.items()}))
             print("distributed_type", t.accelerator.distributed_type.value, "model", type(t.model).__name__)
     else:
-        t = TinyLlama(max_steps=4, **kw)
+        at2 = FullAt(2)
+        t = TinyLlama(max_steps=4, workspace=str(args.out / "ws"), hooks=[at2, CheckpointingHook(interval=2)], **kw)
         t.train()
         if t.is_main_process and not args.ddp:
             from torch.distributed.fsdp import FSDPModule
@@ -73,6 +94,18 @@ def main() -> None:
             logits = t.model(input_ids=probe).logits  # every rank: FSDP forwards are collective
         if t.is_main_process:
             torch.save(logits, args.out / "logits.pt")
+        from acceltrain.checkpoint import verify_checkpoint
+        from acceltrain.recipe_kit import load_checkpoint_weights
+        from tests.helpers import run_step_dir
+
+        folder = run_step_dir(args.out / "ws", 2)
+        load_checkpoint_weights(t, folder)  # the optimizer and the step stay at step 4's
+        back = t.accelerator.get_state_dict(t.model)
+        if t.is_main_process:
+            (args.out / "reload.json").write_text(json.dumps({
+                "sharded": verify_checkpoint(folder)["sharded"], "step": t.step,
+                "names": sorted(back) == sorted(at2.weights),
+                "unequal": [k for k in at2.weights if not torch.equal(back[k], at2.weights[k])]}))
     t.close()
 
 
