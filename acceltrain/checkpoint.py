@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint_deepspeed import _check_fits, load_deepspeed, save_deepspeed
+from .checkpoint_deepspeed import check_fits, load_deepspeed, save_deepspeed
 from .checkpoint_io import (
     CheckpointError,
     add_frozen_weights,
@@ -301,7 +301,7 @@ def save_checkpoint(trainer: BaseTrainer, root: Path, extra: dict[str, Any] | No
 
     rank = acc.process_index
     names = [f"rank_state_{rank}.pt"]
-    if getattr(trainer, "_deepspeed", False):
+    if trainer.engine_kind == "deepspeed":
         # ZeRO partitions: every rank writes its own (see acceltrain.checkpoint_deepspeed).
         state, own_names, own_extra = save_deepspeed(trainer, tmp)
         names += own_names
@@ -389,9 +389,9 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     manifest = verify_checkpoint(folder) if verify else json.loads((folder / MANIFEST).read_text())
     acc = trainer.accelerator
     rank, saved_world = acc.process_index, int(manifest["world_size"])
-    deepspeed = manifest.get("deepspeed") or getattr(trainer, "_deepspeed", False)
+    deepspeed = manifest.get("deepspeed") or trainer.engine_kind == "deepspeed"
     if deepspeed:  # another stage or precision is refused before the batch plan is looked at
-        _check_fits(trainer, folder, manifest)
+        check_fits(trainer, folder, manifest)
     plan = resize_plan(trainer, folder, manifest)
     state = safe_load(folder / "trainer_state.pt")
     # A rank the saved run did not have takes rank 0's hook states (hooks that decide together,

@@ -51,7 +51,7 @@ from .checkpoint_io import safe_load as _load
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["check_supported", "optimizer_state", "training_state", "save_deepspeed", "load_deepspeed"]
+__all__ = ["check_supported", "check_fits", "optimizer_state", "training_state", "save_deepspeed", "load_deepspeed"]
 
 # The engine's own counters (engine.load_checkpoint restores them too); plain ints.
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -187,10 +187,12 @@ def _describe(ds: dict[str, Any] | None) -> str:
     return f"with DeepSpeed ZeRO-{ds['zero_stage']} (mixed precision {ds.get('mixed_precision') or 'no'})"
 
 
-def _check_fits(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> None:
+def check_fits(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another ZeRO stage or mixed precision than this run's (or a run with
+    DeepSpeed on one side only); :func:`acceltrain.checkpoint.load_checkpoint` calls it first."""
     saved = manifest.get("deepspeed")
     live = ({"zero_stage": _stage(trainer), "mixed_precision": trainer.mixed_precision}
-            if getattr(trainer, "_deepspeed", False) else None)
+            if trainer.engine_kind == "deepspeed" else None)
     if saved is None or live is None or saved["zero_stage"] != live["zero_stage"] or (
             (saved.get("mixed_precision") or None) != live["mixed_precision"]):
         raise CheckpointError(
@@ -248,8 +250,7 @@ def _load_optimizer(trainer: BaseTrainer, sd: dict[str, Any], path: Path) -> Non
 def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any], state: dict[str, Any],
                    strict: bool = True) -> None:
     """Restore a checkpoint written by :func:`save_deepspeed` (``state``: the loaded training state),
-    saved by this or any other number of processes."""
-    _check_fits(trainer, folder, manifest)
+    saved by this or any other number of processes (:func:`check_fits` has passed)."""
     acc = trainer.accelerator
     stage = manifest["deepspeed"]["zero_stage"]
     model = trainer.unwrapped_model

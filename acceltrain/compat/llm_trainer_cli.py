@@ -44,12 +44,12 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 def _checkpoint_run_dir(path: str) -> Path:
     """The run folder a ``--resume_from_checkpoint`` path belongs to, checked."""
-    from ..checkpoint import CheckpointError, find_latest_checkpoint, verify_checkpoint
+    from ..checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint, verify_checkpoint
 
     folder = Path(path)
     if not folder.exists():
         raise UserError(f"--resume_from_checkpoint {path}: no such folder")
-    if (folder / CHECKPOINTS_SUBDIR).is_dir() and not (folder / "manifest.json").exists():
+    if (folder / CHECKPOINTS_SUBDIR).is_dir() and not (folder / MANIFEST).exists():
         return folder  # a run folder: continue from its latest checkpoint
     try:
         verify_checkpoint(folder)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
+from ..checkpoint import MANIFEST, find_latest_checkpoint, load_checkpoint, verify_checkpoint
 from ..checkpoint_names import CHECKPOINTS_SUBDIR, step_folder_name
 from ..evaluation import EvaluationHook
 from ..hooks.base import BaseHook
@@ -360,12 +360,12 @@ class GenericTrainer(BaseTrainer):
         import json
 
         folder = Path(folder)
-        step = int(json.loads((folder / "manifest.json").read_text())["step"])
+        step = int(json.loads((folder / MANIFEST).read_text())["step"])
         rank = torch.load(folder / "rank_state_0.pt", weights_only=True)
         hooks, data = rank.get("hooks") or {}, rank.get("data") or {}
         spe = self.steps_per_epoch if self._given is not None else None
         rng = RNGState(**{k: rank["rng"].get(k) for k in ("python", "numpy", "torch", "cuda")})
-        stamp = (folder / "manifest.json").stat().st_mtime
+        stamp = (folder / MANIFEST).stat().st_mtime
         pending = (hooks.get("EvaluationHook") or {}).get("pending")
         if pending is not None:  # validation of the epoch that ended at this step
             epoch = (step - 1) // spe if spe else int(data.get("epoch", 0))
