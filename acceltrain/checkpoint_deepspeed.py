@@ -262,7 +262,7 @@ def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any],
         from .zero_reshard import reshard
 
         optim_path = folder / f"optimizer_shard_{{0..{saved_world - 1}}}.pt"
-        shards = [_load(folder / f"optimizer_shard_{r}.pt") for r in range(saved_world)]
+        shards = [_load(folder / f"optimizer_shard_{r}.pt", mmap=True) for r in range(saved_world)]
         optim_sd = reshard(trainer.model.optimizer, shards, folder)
         del shards
     if stage < 3:

@@ -37,10 +37,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; any refusal names the file."""
+def safe_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` onto the CPU; any refusal names the file.
+
+    ``mmap=True`` maps the tensors from the file instead of reading them into memory: pages are
+    read as they are touched and belong to the page cache (shared by the ranks of a node), for
+    files of which a caller reads only parts or one tensor at a time."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # any unpickling refusal or corruption names the file
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(e).__name__}: {e})") from None
 

@@ -27,9 +27,13 @@ The layouts (DeepSpeed 0.19; the ones ``deepspeed/utils/zero_to_fp32.py`` reads 
   each gives the saved partition sizes, checked against the files.
 
 Values that are not partitioned (AdamW's ``step``, the param groups with the LR, the loss scaler)
-are rank 0's. Memory: every rank reads all W saved shards (together the optimizer state of the
-whole model, once per rank) and materialises only its new partition plus one parameter at a time;
-a reader of only the shards that overlap the new partition would scale further.
+are rank 0's. Memory: every rank maps all W saved shards from their files (``mmap``: the pages
+are the node's page cache, read as touched, not each rank's own copy). ZeRO-1/2 then materialises
+its new partition plus one merged parameter at a time. ZeRO-3 first joins each saved rank's
+sub-groups into one run per key, a copy of the whole saved optimizer state in each rank's memory
+(to be replaced by reading the sub-groups in place), then cuts one parameter at a time. Every rank
+reads the whole saved optimizer state once; reading only the parts that overlap its new partition
+would scale further.
 """
 
 from __future__ import annotations
