@@ -51,7 +51,7 @@ from .checkpoint_io import safe_load as _load
 if TYPE_CHECKING:
     from .trainer import BaseTrainer
 
-__all__ = ["check_supported", "check_fits", "optimizer_state", "training_state", "save_deepspeed", "load_deepspeed"]
+__all__ = ["check_supported", "check_fits", "live_setup", "setup_mismatch", "optimizer_state", "training_state", "save_deepspeed", "load_deepspeed"]
 
 # The engine's own counters (engine.load_checkpoint restores them too); plain ints.
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -187,17 +187,34 @@ def _describe(ds: dict[str, Any] | None) -> str:
     return f"with DeepSpeed ZeRO-{ds['zero_stage']} (mixed precision {ds.get('mixed_precision') or 'no'})"
 
 
+def live_setup(trainer: BaseTrainer) -> dict[str, Any] | None:
+    """This run's ZeRO stage and mixed precision as a manifest records them (None: no DeepSpeed);
+    known from the Accelerator's plugin, before the engine is built."""
+    if trainer.engine_kind != "deepspeed":
+        return None
+    engine = getattr(trainer, "model", None)  # the engine once built, else the plugin's setting
+    stage = (int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
+             else int(trainer.accelerator.state.deepspeed_plugin.zero_stage))
+    return {"zero_stage": stage, "mixed_precision": trainer.mixed_precision}
+
+
+def setup_mismatch(folder: Path, saved: dict[str, Any] | None, live: dict[str, Any] | None) -> str | None:
+    """Why a checkpoint saved with DeepSpeed setup ``saved`` cannot resume with ``live`` (None: it can)."""
+    if saved is None and live is None:
+        return None
+    if saved is None or live is None or saved["zero_stage"] != live["zero_stage"] or (
+            (saved.get("mixed_precision") or None) != (live.get("mixed_precision") or None)):
+        return (f"{folder}: saved {_describe(saved)}, this run is {_describe(live)}; resume with the same "
+                "DeepSpeed stage and precision (ZeRO partitions are laid out for one configuration)")
+    return None
+
+
 def check_fits(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any]) -> None:
     """Refuse a checkpoint of another ZeRO stage or mixed precision than this run's (or a run with
     DeepSpeed on one side only); :func:`acceltrain.checkpoint.load_checkpoint` calls it first."""
-    saved = manifest.get("deepspeed")
-    live = ({"zero_stage": _stage(trainer), "mixed_precision": trainer.mixed_precision}
-            if trainer.engine_kind == "deepspeed" else None)
-    if saved is None or live is None or saved["zero_stage"] != live["zero_stage"] or (
-            (saved.get("mixed_precision") or None) != live["mixed_precision"]):
-        raise CheckpointError(
-            f"{folder}: saved {_describe(saved)}, this run is {_describe(live)}; resume with the same "
-            "DeepSpeed stage and precision (ZeRO partitions are laid out for one configuration)")
+    problem = setup_mismatch(folder, manifest.get("deepspeed"), live_setup(trainer))
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _check_layout(opt: Any, sd: dict[str, Any], path: Path) -> None:

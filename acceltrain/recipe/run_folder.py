@@ -68,13 +68,17 @@ def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main
     return False
 
 
-def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None) -> Any:
+def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = None,
+                 deepspeed: dict[str, Any] | None | bool = False) -> Any:
     """Check before anything is written that ``--resume`` can be honoured; every rank must call it.
 
     Checkpoints of which none checks out are an error on every rank (exit 2), never a silent
     fresh start. With ``resize`` (``world``, ``micro_batch``, ``accumulation``,
     ``allow_global_batch_change``), the newest checkpoint must also continue on this number of
-    processes (:func:`acceltrain.elastic.plan_resize`), so a refusal leaves the run folder untouched.
+    processes (:func:`acceltrain.elastic.plan_resize`); with ``deepspeed`` (this run's
+    :func:`~acceltrain.checkpoint_deepspeed.live_setup`, None without DeepSpeed; ``False`` skips the
+    check), it must have been saved with the same DeepSpeed stage and precision. A refusal leaves
+    the run folder untouched.
 
     Returns:
         The :class:`~acceltrain.elastic.ResizePlan` (the same on every rank), or None for the same
@@ -84,8 +88,12 @@ def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = N
     if is_main:  # one rank reads the files; the others hear the verdict
         try:
             folder = find_latest_checkpoint(root, clean=False, required="--resume true")
-            if folder is not None and resize is not None:
-                manifest = json.loads((folder / MANIFEST).read_text())
+            manifest = json.loads((folder / MANIFEST).read_text()) if folder is not None else None
+            if manifest is not None and deepspeed is not False:
+                from ..checkpoint_deepspeed import setup_mismatch
+
+                problem = setup_mismatch(folder, manifest.get("deepspeed"), deepspeed)
+            if manifest is not None and resize is not None and problem is None:
                 plan = plan_resize(manifest, folder=folder, **resize)
         except CheckpointError as e:
             problem = f"{e}; repair or move them away, or pass --overwrite true to start over" \

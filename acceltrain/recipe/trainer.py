@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint_deepspeed import live_setup
 from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import UserError, config_to_dict, exit_on_user_error, parse_config
 from ..console import configure_output, quiet_progress_bars
@@ -55,7 +56,7 @@ class RecipeTrainer(BaseTrainer):
             plan = check_resume(self.workspace / CHECKPOINTS_SUBDIR, is_main=is_main, resize=dict(
                 world=self.accelerator.num_processes, micro_batch=cfg.batch_size,
                 accumulation=cfg.gradient_accumulation_steps,
-                allow_global_batch_change=self.allow_global_batch_change))
+                allow_global_batch_change=self.allow_global_batch_change), deepspeed=live_setup(self))
             if plan is not None:
                 # Set before anything is built, so what the recipe derives from the config (tokens
                 # per step, the model card) fits the resized run; load_checkpoint then agrees.

@@ -114,7 +114,7 @@ def test_signal_during_a_long_first_step_ends_in_a_checkpoint_of_step_1(tmp_path
     assert folder.name == step_folder_name(1) and verify_checkpoint(folder)["step"] == 1
 
 
-def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writing_anything(tmp_path, capsys):
+def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_or_another_deepspeed_setup_before_writing(tmp_path, capsys):
     """The recipe checks a resume on another world size up front (recipe_kit.check_resume): the
     manifest is rewritten here as if 2 processes had saved it with 40 samples per step, which
     this 1-process run with micro-batches of 16 cannot make."""
@@ -141,6 +141,20 @@ def test_recipe_refuses_a_resize_that_cannot_keep_the_global_batch_before_writin
         "use 16): resume on a number of processes that keeps it, or pass --allow_global_batch_change true "
         "(allow_global_batch_change=True) to continue with the new global batch")
     assert _snapshot(out) == before  # config.yaml included: refused before anything was written
+
+    # The same world size, but saved (so the manifest says) under DeepSpeed ZeRO-2: refused up front too.
+    original = json.loads((folder / "manifest.json").read_text())
+    original.update(world_size=1, batch={"micro_batch": 16, "accumulation": 1, "global_batch": 16},
+                    deepspeed={"zero_stage": 2, "mixed_precision": None})
+    (folder / "manifest.json").write_text(json.dumps(original))
+    before = _snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(module, [*args, "--max_steps", "4", "--resume", "true"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {folder}: saved with DeepSpeed ZeRO-2 (mixed precision no), this run is without DeepSpeed; resume "
+        "with the same DeepSpeed stage and precision (ZeRO partitions are laid out for one configuration)")
+    assert _snapshot(out) == before
 
 
 def test_signal_during_the_pretrain_recipes_data_preparation_exits_cleanly(tmp_path):
