@@ -399,6 +399,13 @@ def load_checkpoint(trainer: BaseTrainer, folder: Path, *, verify: bool = True, 
     own = rank < saved_world
     rank_state = safe_load(folder / f"rank_state_{rank if own else 0}.pt")
     state.update({k: rank_state[k] for k in _PER_RANK})
+    if plan is not None:  # each hook makes this rank's state from every saved rank's (BaseHook.resize_state)
+        from .hooks.base import resized_hook_states
+
+        per_rank = [rank_state if r == (rank if own else 0) else safe_load(folder / f"rank_state_{r}.pt", mmap=True)
+                    for r in range(saved_world)]
+        state["hooks"] = resized_hook_states(trainer.hooks, [rs.get("hooks") or {} for rs in per_rank], rank,
+                                             acc.num_processes)
     if deepspeed:  # ZeRO partitions of another world size are re-cut (acceltrain.zero_reshard)
         if plan is not None:
             trainer.set_gradient_accumulation_steps(plan.accumulation)

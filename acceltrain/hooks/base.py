@@ -188,6 +188,17 @@ class BaseHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def resize_state(self, states: list[dict[str, Any] | None], rank: int, world: int) -> dict[str, Any] | None:
+        """This rank's state when a checkpoint of ``len(states)`` processes resumes on ``world``.
+
+        ``states[r]`` is what saved rank ``r``'s :meth:`state_dict` returned (None if nothing);
+        the result goes to :meth:`load_state_dict` on rank ``rank``. The default keeps a saved
+        rank's own state and gives a new rank rank 0's: right for state that every rank holds the
+        same (early stopping, which the ranks decide together). Override it for per-rank partial
+        sums (see ``LoggingHook``) or for state laid out by the world size (see ``GuardHook``).
+        """
+        return states[rank] if rank < len(states) else states[0]
+
 
 def hook_keys(hooks: list[BaseHook]) -> list[tuple[str, BaseHook]]:
     """Each hook's key in a checkpoint: its class name, ``_1``, ``_2``, ... for repeats."""
@@ -202,6 +213,18 @@ def hook_keys(hooks: list[BaseHook]) -> list[tuple[str, BaseHook]]:
 def hook_states(hooks: list[BaseHook]) -> dict[str, Any]:
     """The ``state_dict()`` of every hook that has one, by :func:`hook_keys`."""
     return {key: state for key, hook in hook_keys(hooks) if (state := hook.state_dict()) is not None}
+
+
+def resized_hook_states(hooks: list[BaseHook], per_rank: list[dict[str, Any]], rank: int,
+                        world: int) -> dict[str, Any]:
+    """This rank's hook states from every saved rank's (``per_rank[r]``: rank r's
+    :func:`hook_states`), each hook's through its :meth:`BaseHook.resize_state`."""
+    out = {}
+    for key, hook in hook_keys(hooks):
+        states = [saved.get(key) for saved in per_rank]
+        if any(st is not None for st in states) and (state := hook.resize_state(states, rank, world)) is not None:
+            out[key] = state
+    return out
 
 
 def load_hook_states(hooks: list[BaseHook], states: dict[str, Any]) -> None:

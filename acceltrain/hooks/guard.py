@@ -42,7 +42,9 @@ class GuardHook(BaseHook):
     Snapshots are taken every ``state_update_interval`` healthy steps, of trainable parameters
     only (cheap for LoRA), on the CPU for plain tensors. Every event is logged with its step,
     loss and sample positions, and kept in ``hook.events``. The guard's state, snapshot
-    included, goes into checkpoints, so a resumed run rolls back exactly as the original would.
+    included, goes into checkpoints, so a resumed run rolls back exactly as the original would;
+    on another number of processes the snapshot (laid out for the saved one) is taken afresh at
+    the resumed step instead.
 
     Example:
         >>> GuardHook(spike_threshold=3.0, max_rollbacks=2, lr_factor=0.5)
@@ -177,6 +179,17 @@ class GuardHook(BaseHook):
         self.rollbacks = int(state.get("rollbacks", 0))
         self.events = list(state.get("events", []))
         self.snapshot = state.get("snapshot")
+
+    def resize_state(self, states: list[dict[str, Any] | None], rank: int, world: int) -> dict[str, Any] | None:
+        # The snapshot is this rank's parameters and optimizer state as laid out for the saved
+        # world size (FSDP2 shards): dropped, and taken afresh when training resumes (the resumed
+        # step is a checkpoint). History and counters are the same on every rank.
+        state = super().resize_state(states, rank, world)
+        return None if state is None else {**state, "snapshot": None}
+
+    def on_load_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
+        if self.snapshot is None:  # dropped by a resize: the resumed state is the one to go back to
+            self._take_snapshot(trainer)
 
 
 def _clone_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class FigureSums:
         self.host_fold = host_fold
         self._pending: dict[str, list[Any]] = {}
         self.sums: dict[str, Any] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}  # whole numbers but after a resize
 
     def add(self, figures: dict[str, Any]) -> None:
         pending, counts = self._pending, self.counts
@@ -137,7 +137,9 @@ class FigureSums:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clear()
         self.sums = dict(state.get("sums", {}))
-        self.counts = {k: int(v) for k, v in state.get("counts", {}).items()}
+        # Whole numbers of figures, except after a resize to a number of ranks that does not
+        # divide them (LoggingHook.resize_state scales them).
+        self.counts = {k: int(v) if float(v).is_integer() else float(v) for k, v in state.get("counts", {}).items()}
 
 
 class LoggingHook(BaseHook):
@@ -295,6 +297,25 @@ class LoggingHook(BaseHook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._figures.load_state_dict(state)
         self._resume_identities = {k: dict(v) for k, v in (state.get("trackers") or {}).items()}
+
+    def resize_state(self, states: list[dict[str, Any] | None], rank: int, world: int) -> dict[str, Any] | None:
+        # The interval's partial sums are reduced by SUM across ranks when they are logged, and
+        # each step adds one entry per rank: rank 0 takes every saved rank's sums and counts,
+        # scaled by new/saved ranks, the others none. The first average after the resize is then
+        # the one the saved run would have logged, every step weighted alike (copying rank 0's
+        # would count its steps twice on two ranks; keeping each rank's own would drop some).
+        first = next((st for st in states if st is not None), {})
+        scale = world / len(states)
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, float] = {}
+        if rank == 0:
+            for st in states:
+                for k, v in (st or {}).get("sums", {}).items():
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64) * scale
+                for k, n in (st or {}).get("counts", {}).items():
+                    counts[k] = counts.get(k, 0.0) + float(n) * scale
+        return {"sums": sums, "counts": {k: int(n) if n.is_integer() else n for k, n in counts.items()},
+                "trackers": first.get("trackers")}
 
 
 def _last_logged_step(path: Path) -> int:

@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, torchrun
-from tests.helpers import ckpt_root, link_step, run_step_dir
+from tests.helpers import ckpt_root, link_step, run_step_dir, saved_steps, step_dir
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 N = 10
 NO_DROPOUT = ("--dropout", "0")
+LOG = ("--log-interval", "3")  # a LoggingHook whose interval 4-6 spans the resume after step 4
 pytestmark = pytest.mark.multiproc
 
 
@@ -68,6 +69,19 @@ def assert_close_final(a: Path, b: Path) -> None:
             torch.testing.assert_close(fb["optimizer"]["state"][fqn][key], value, atol=1e-5, rtol=0)
 
 
+def logged_losses(ws: Path) -> dict[int, float]:
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, (ws / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_logged_losses(a: Path, b: Path) -> None:
+    """The LoggingHook's interval averages, the one that spans the resize included: the saved
+    ranks' partial sums went to one rank, neither lost nor counted twice (BaseHook.resize_state)."""
+    la, lb = logged_losses(a), logged_losses(b)
+    assert sorted(la) == sorted(lb) == [3, 6, 9, 10]  # and N: the last interval is logged when training ends
+    for step in la:
+        assert abs(la[step] - lb[step]) <= 1e-6, (step, la[step], lb[step])
+
+
 def kill_and_resume_line(proc: subprocess.CompletedProcess) -> str:
     return next(line for line in proc.stderr.splitlines() if "-process checkpoint at step" in line)
 
@@ -75,7 +89,7 @@ def kill_and_resume_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def ddp2(tmp_path_factory) -> Path:
     a = tmp_path_factory.mktemp("ddp2_uninterrupted")
-    torchrun(SCRIPT, str(a), "--max-steps", str(N), *NO_DROPOUT)
+    torchrun(SCRIPT, str(a), "--max-steps", str(N), *NO_DROPOUT, *LOG)
     return a
 
 
@@ -83,7 +97,7 @@ def ddp2(tmp_path_factory) -> Path:
 def ddp2_at_4(tmp_path_factory) -> Path:
     """A 2-rank run signalled after step 3 (rank 1): both ranks save step 4."""
     b = tmp_path_factory.mktemp("ddp2_at_4")
-    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), *NO_DROPOUT, "--kill-at", "3", "--kill-rank", "1",
+    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), *NO_DROPOUT, *LOG, "--kill-at", "3", "--kill-rank", "1",
                     check=False)
     assert proc.returncode != 0
     assert link_step(ckpt_root(b)) == 4
@@ -98,7 +112,7 @@ def test_two_ranks_resumed_on_one_continue_the_global_order(ddp2, ddp2_at_4, tmp
     assert manifest["batch"] == {"micro_batch": 4, "accumulation": 2, "global_batch": 16}
     assert manifest["sampler"] == {"layout": "global", "num_replicas": 2, "dataset_len": 96, "shuffle": True,
                                    "drop_last": True, "seed": manifest["sampler"]["seed"]}
-    proc = single(b, "--max-steps", str(N), *NO_DROPOUT)
+    proc = single(b, "--max-steps", str(N), *NO_DROPOUT, *LOG)
     assert kill_and_resume_line(proc).endswith(
         "resumed on 1 process from a 2-process checkpoint at step 4: accumulation 2 -> 4, same 16 samples per step")
     # Steps 5.. ran on one rank (4 micro-batches each), and drew what the two ranks would have.
@@ -108,17 +122,37 @@ def test_two_ranks_resumed_on_one_continue_the_global_order(ddp2, ddp2_at_4, tmp
     assert_close_final(ddp2, b)
 
 
+def test_an_interval_average_that_spans_a_resize_is_the_uninterrupted_ones(ddp2, tmp_path):
+    """The uninterrupted 2-rank run's periodic step-4 checkpoint holds each rank's partial sums of
+    the logging interval 4-6; resumed on one process (everything after step 4 removed, as after
+    a kill -9), the averages logged at 6, 9 and 10 are the 2-rank run's."""
+    b = tmp_path / "b"
+    shutil.copytree(ddp2, b, symlinks=True)
+    from acceltrain.checkpoint import LATEST, point_link
+
+    root = ckpt_root(b)
+    for step in saved_steps(root):
+        if step > 4:
+            shutil.rmtree(step_dir(root, step))
+    point_link(root, LATEST, step_dir(root, 4))
+    lines = (b / "metrics.jsonl").read_text().splitlines()
+    (b / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= 4))
+    single(b, "--max-steps", str(N), *NO_DROPOUT, *LOG)
+    assert_same_logged_losses(ddp2, b)
+
+
 def test_one_rank_resumed_on_two_continue_the_global_order(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    single(a, "--max-steps", str(N), *NO_DROPOUT, "--accum", "4")
-    single(b, "--max-steps", str(N), *NO_DROPOUT, "--accum", "4", "--kill-at", "4", expect=143)
-    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), *NO_DROPOUT, "--accum", "4")
+    single(a, "--max-steps", str(N), *NO_DROPOUT, *LOG, "--accum", "4")
+    single(b, "--max-steps", str(N), *NO_DROPOUT, *LOG, "--accum", "4", "--kill-at", "4", expect=143)
+    proc = torchrun(SCRIPT, str(b), "--max-steps", str(N), *NO_DROPOUT, *LOG, "--accum", "4")
     assert kill_and_resume_line(proc).endswith(
         "resumed on 2 processes from a 1-process checkpoint at step 4: accumulation 4 -> 2, same 16 samples per step")
     b_steps = steps(b, 2)
     assert all(b_steps[s]["ranks"] == 2 for s in range(5, N + 1))
     assert_same_stream(steps(a, 1), b_steps, after=4)
     assert_close_final(a, b)
+    assert_same_logged_losses(a, b)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

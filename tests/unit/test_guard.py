@@ -131,3 +131,24 @@ def test_rollback_retires_checkpoints_of_the_abandoned_steps(tmp_path):
 
     saved = load_file(step_dir(root, 12) / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in t.unwrapped_model.state_dict().items())
+
+
+def test_a_resize_keeps_the_history_and_retakes_the_snapshot_at_the_resumed_step():
+    """On another number of processes the saved snapshot (laid out for the saved one) is dropped and
+    taken from the state just loaded; the loss history and counters, the same on every rank, stay."""
+    saved = GuardHook()
+    t = ToyTrainer(max_steps=3, device="cpu", hooks=[saved])
+    t.train()
+    states = [saved.state_dict(), saved.state_dict()]  # as two saved ranks wrote them
+    guard = GuardHook()
+    resumed = ToyTrainer(max_steps=6, device="cpu", hooks=[guard])
+    resumed.build()
+    for rank in (0, 2):  # a rank the saved run had, and one it did not
+        state = guard.resize_state(states, rank, 3)
+        assert state["snapshot"] is None and state["history"] == states[0]["history"] and len(state["history"]) == 3
+    resumed.load_state_dict(t.state_dict())  # the guard's load, then its on_load_state_dict
+    guard.load_state_dict(guard.resize_state(states, 1, 3))
+    guard.on_load_state_dict(resumed, {})
+    assert guard.snapshot["step"] == resumed.step == 3
+    assert all(torch.equal(s, p.detach()) for s, p in zip(guard.snapshot["params"], resumed.trainable_parameters,
+                                                          strict=True))

@@ -226,3 +226,22 @@ def test_trackers_start_before_step_1_so_its_timing_leaves_them_out(tmp_path):
     ToyTrainer(max_steps=3, workspace=tmp_path, device="cpu",  # resumed: started once the checkpoint is in
                hooks=[Probe(), LoggingHook(interval=1), CheckpointingHook(interval=2, load="latest")]).train()
     assert seen == [(0, ["tensorboard"]), (2, ["tensorboard"])]
+
+
+def test_a_resize_gives_rank_0_every_saved_ranks_partial_sums_scaled_to_the_new_world():
+    """Interval sums are SUMmed across ranks when logged, one entry per rank and step: 2 saved ranks
+    (one reporting a key of its own) resumed on 3 keep the interval's average, steps weighted alike."""
+    import torch
+
+    hook = LoggingHook(interval=4, tensorboard=False)
+    states = [{"sums": {"loss": torch.tensor(1.0, dtype=torch.float64)}, "counts": {"loss": 1}, "trackers": {"x": {}}},
+              {"sums": {"loss": torch.tensor(3.0, dtype=torch.float64), "only1": torch.tensor(5.0, dtype=torch.float64)},
+               "counts": {"loss": 1, "only1": 1}, "trackers": {}}]
+    zero, other = hook.resize_state(states, 0, 3), hook.resize_state(states, 2, 3)
+    assert zero["counts"] == {"loss": 3, "only1": 1.5} and zero["trackers"] == {"x": {}}
+    assert zero["sums"]["loss"].item() == 6.0 and zero["sums"]["only1"].item() == 7.5
+    assert other["sums"] == {} and other["counts"] == {}
+    hook.load_state_dict(zero)
+    sums, counts = hook._figures.totals()
+    assert counts == {"loss": 3, "only1": 1.5}  # 2.0 per figure: the saved run's average
+    assert sums["loss"] / counts["loss"] == 2.0 and sums["only1"] / counts["only1"] == 5.0

@@ -81,6 +81,10 @@ class ResumeTrainer(BaseTrainer):
         rank = self.accelerator.process_index
         hooks = [StepLog(self.workspace / f"steps_rank{rank}.jsonl"),
                  CheckpointingHook(interval=self.args.interval, keep_previous=None)]
+        if self.args.log_interval:  # before CheckpointingHook, so a save includes the step's figures
+            from acceltrain import LoggingHook
+
+            hooks.insert(1, LoggingHook(interval=self.args.log_interval, tensorboard=False))
         if self.args.dump_at is not None:
             hooks.append(DumpLoaded(self.workspace / f"state_at_{self.args.dump_at}.pt", at=self.args.dump_at))
         return [*hooks, DumpLoaded(self.args.dump_loaded)] if self.args.dump_loaded else hooks
@@ -178,6 +182,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--interval", type=int, default=4)
     ap.add_argument("--slow-save-at", type=int)
+    ap.add_argument("--log-interval", type=int, help="add a LoggingHook (metrics.jsonl) at this interval")
     ap.add_argument("--no-shuffle", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.3)
     ap.add_argument("--dump-loaded", type=Path, help="write the state as loaded by the resume here")
