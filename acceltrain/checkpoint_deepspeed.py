@@ -178,7 +178,15 @@ def save_deepspeed(trainer: BaseTrainer, tmp: Path) -> tuple[dict[str, Any], lis
         names.append(f"optimizer_shard_{rank}.pt")
     extra = {"sharded": False, "frozen": _frozen_digest(model, frozen) if frozen else None,
              "deepspeed": {"zero_stage": stage, "mixed_precision": trainer.mixed_precision}}
+    if stage == 3:  # the partitions' parameter order, which a resume on another world size checks
+        extra["zero3_params"] = zero3_params(trainer.model.optimizer)
     return state, names, extra
+
+
+def zero3_params(opt: Any) -> list[list[Any]]:
+    """``[name, numel]`` of every parameter a ZeRO-3 optimizer partitions, in its sub-groups' order."""
+    names = getattr(opt, "param_names", None) or {}
+    return [[names.get(p, f"#{i}"), int(p.ds_numel)] for i, p in enumerate(p for sub in opt.fp16_groups for p in sub)]
 
 
 def _describe(ds: dict[str, Any] | None) -> str:
@@ -280,7 +288,7 @@ def load_deepspeed(trainer: BaseTrainer, folder: Path, manifest: dict[str, Any],
 
         optim_path = folder / f"optimizer_shard_{{0..{saved_world - 1}}}.pt"
         shards = [_load(folder / f"optimizer_shard_{r}.pt", mmap=True) for r in range(saved_world)]
-        optim_sd = reshard(trainer.model.optimizer, shards, folder)
+        optim_sd = reshard(trainer.model.optimizer, shards, folder, saved_params=manifest.get("zero3_params"))
         del shards
     if stage < 3:
         weights = _load_safetensors(folder / "model.safetensors")

@@ -51,7 +51,8 @@ __all__ = ["reshard"]
 _FP32 = "fp32"  # the master weights, beside the optimizer's moments (exp_avg, exp_avg_sq)
 
 
-def reshard(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[str, Any]:
+def reshard(opt: Any, shards: list[dict[str, Any]], where: Path, *,
+            saved_params: list[list[Any]] | None = None) -> dict[str, Any]:
     """This rank's state dict for the live ZeRO optimizer ``opt``, cut from the saved ranks' ``shards``.
 
     Args:
@@ -59,6 +60,8 @@ def reshard(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[str, An
         shards: Every saved rank's optimizer state, in rank order (as
             :func:`acceltrain.checkpoint_deepspeed.optimizer_state` wrote them).
         where: The checkpoint folder, for messages.
+        saved_params: ZeRO-3: the manifest's ``zero3_params`` (``[name, numel]`` in partition
+            order), compared with the live optimizer's; None (older checkpoints) checks only sizes.
 
     Raises:
         CheckpointError: the shards do not fit this model (other parameters, sizes or groups).
@@ -69,7 +72,7 @@ def reshard(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[str, An
     if len(stages) != 1:
         raise CheckpointError(f"{where}: its optimizer shards disagree on the ZeRO stage ({sorted(stages)})")
     if stages.pop() == 3:
-        return _reshard_zero3(opt, shards, where)
+        return _reshard_zero3(opt, shards, where, saved_params)
     return _reshard_zero12(opt, shards, where)
 
 
@@ -148,9 +151,12 @@ def _reshard_zero12(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict
 
 
 # -------------------------------------------------------------------------------------------- ZeRO-3
-def _reshard_zero3(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[str, Any]:
+def _reshard_zero3(opt: Any, shards: list[dict[str, Any]], where: Path,
+                   saved_params: list[list[Any]] | None) -> dict[str, Any]:
     from deepspeed import comm as dist
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARTITION_COUNT
+
+    from .checkpoint_deepspeed import zero3_params
 
     if any("ds_zero_partition_groups" in sd for sd in shards):
         raise CheckpointError(f"{where}: saved with AutoEP partition groups, which resume only on the same "
@@ -158,6 +164,14 @@ def _reshard_zero3(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[
     saved_world = len(shards)
     params = [p for sub in opt.fp16_groups for p in sub]
     numels = [int(p.ds_numel) for p in params]
+    if saved_params is not None:  # the same parameters, in the same partition order
+        live_params = zero3_params(opt)
+        if [list(x) for x in saved_params] != live_params:
+            i = next((i for i, (a, b) in enumerate(zip(saved_params, live_params, strict=False)) if list(a) != b),
+                     min(len(saved_params), len(live_params)))
+            saved = saved_params[i] if i < len(saved_params) else "nothing"
+            live = live_params[i] if i < len(live_params) else "nothing"
+            raise _misfit(where, f"parameter {i} was {saved} (name, elements) when saved, is {live} here")
     saved_sizes = [math.ceil(n / saved_world) for n in numels]
     offsets = [0]
     for s in saved_sizes:
@@ -184,9 +198,12 @@ def _reshard_zero3(opt: Any, shards: list[dict[str, Any]], where: Path) -> dict[
                                  f"partitioned over {saved_world} processes make {offsets[-1]}")
         runs.append(run)
 
+    group_of = [opt.sub_group_to_group_id[s] for s in range(len(opt.fp16_groups))]
+    if group_of != sorted(group_of):  # the runs above join the sub-groups in parameter-group order
+        raise CheckpointError(f"{where}: this DeepSpeed orders ZeRO-3 sub-groups across parameter groups "
+                              f"({group_of}), a layout this code does not know")
     rank = dist.get_rank(group=opt.dp_process_group)
     world = dist.get_world_size(group=opt.dp_process_group)
-    group_of = opt.sub_group_to_group_id
     fp32_out: list[torch.Tensor] = []
     pieces_by_sub: list[dict[str, torch.Tensor]] = []
     j = 0

@@ -63,6 +63,26 @@ def test_zero3_shards_of_another_size_are_refused_before_any_collective():
                             "parameters partitioned over 2 processes make 5): a different model or parameter groups?")
 
 
+class _Param:  # what the ZeRO-3 checks read of a partitioned parameter
+    def __init__(self, numel: int):
+        self.ds_numel = numel
+
+
+def test_zero3_shards_of_other_parameters_are_refused_naming_the_first_that_differs():
+    """Same sizes, another order: only the manifest's zero3_params (name, elements) tells."""
+    w, b = _Param(4), _Param(4)
+    live = SimpleNamespace(fp16_groups=[[w, b]], param_names={w: "w", b: "b"})
+    shard = {"zero_stage": 3, "fp32_flat_groups": [torch.zeros(4)],
+             "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    with pytest.raises(CheckpointError) as e:
+        reshard(live, [shard, shard], FOLDER, saved_params=[["b", 4], ["w", 4]])
+    assert str(e.value) == (f"{FOLDER}: its ZeRO partitions do not fit this model (parameter 0 was ['b', 4] "
+                            "(name, elements) when saved, is ['w', 4] here): a different model or parameter groups?")
+    with pytest.raises(CheckpointError, match=r"parameter 2 was nothing \(name, elements\) when saved"):
+        reshard(SimpleNamespace(fp16_groups=[[w, b, _Param(1)]], param_names={w: "w", b: "b"}), [shard, shard],
+                FOLDER, saved_params=[["w", 4], ["b", 4]])
+
+
 def test_shards_that_disagree_on_the_stage_are_refused():
     with pytest.raises(CheckpointError, match=r"disagree on the ZeRO stage \(\[2, 3\]\)"):
         reshard(SimpleNamespace(), [{"zero_stage": 2}, {"zero_stage": 3}], FOLDER)
