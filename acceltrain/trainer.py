@@ -77,9 +77,11 @@ class BaseTrainer(BuildStep, GradientOps, NonFiniteChecks):
 
     - ``model``, ``optimizer``, ``lr_scheduler``: the prepared (wrapped) objects; ``unwrapped_model``
       the plain module; ``unwrapped_optimizer``/``unwrapped_scheduler`` the plain torch optimizer and
-      scheduler under Accelerate's wrappers (what the step loop steps; read and edit state there);
-      ``trainable_parameters`` the list of parameters with ``requires_grad`` (None and [] before
-      building); :meth:`set_gradient_accumulation_steps` after building.
+      scheduler under Accelerate's wrappers (what the step loop steps; read and edit state there;
+      under DeepSpeed the optimizer is the ZeRO optimizer, whose ``param_groups`` hold the LR and
+      whose state is partitioned); ``trainable_parameters`` the list of parameters with
+      ``requires_grad``. Before building, the objects are None and ``trainable_parameters`` is
+      ``[]``; :meth:`set_gradient_accumulation_steps` after building.
     - :meth:`autocast` (the run's precision context), ``engine_kind``, ``counts_items``, ``data``
       (the data position), ``step``, ``step_info`` (:class:`StepInfo`), :meth:`step_figures`.
     - Stopping: :meth:`request_stop`, ``should_stop``, ``stop_requested``, ``stop_reason``,

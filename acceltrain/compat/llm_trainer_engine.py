@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..evaluation import EvaluationHook
 from ..hooks import CheckpointingHook, LoggingHook, ProgressHook
 from ..hooks.base import BaseHook
+from ..hooks.evaluation import EvaluationHook
 from ..metrics import perplexity
 from ..recipe_kit import choose_precision
 from ..trainer import BaseTrainer

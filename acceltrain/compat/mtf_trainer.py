@@ -29,9 +29,9 @@ import torch
 
 from ..checkpoint import MANIFEST, find_latest_checkpoint, load_checkpoint, verify_checkpoint
 from ..checkpoint_names import CHECKPOINTS_SUBDIR, step_folder_name
-from ..evaluation import EvaluationHook
 from ..hooks.base import BaseHook
 from ..hooks.checkpointing import CheckpointingHook
+from ..hooks.evaluation import EvaluationHook
 from ..trainer import BaseTrainer
 from ..utils import to_float
 

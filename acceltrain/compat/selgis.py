@@ -35,10 +35,10 @@ from .. import __version__
 from ..checkpoint import CheckpointError, find_latest_checkpoint, restore_tied
 from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import ConfigError
-from ..evaluation import EvaluationHook
 from ..hooks import CheckpointingHook, GuardHook, LoggingHook
 from ..hooks.base import BaseHook
 from ..hooks.early_stopping import EarlyStoppingHook
+from ..hooks.evaluation import EvaluationHook
 from ..hooks.sparsity import SparsityHook
 from ..lr_finder import LRFinder, find_lr
 from ..one_call import Trainer as _OneCallTrainer
