@@ -111,8 +111,10 @@ def check_resume(root: Path, *, is_main: bool, resize: dict[str, Any] | None = N
     return plan
 
 
-# What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run).
-_RUN_OUTPUTS = ("final", "merged", "tensorboard", "metrics.jsonl")
+# What a run writes into its folder besides checkpoints (config.yaml is rewritten by every run):
+# the export, the logs, and the trackers that keep their files in the workspace (W&B's offline
+# runs, DVCLive, Aim's repository).
+_RUN_OUTPUTS = ("final", "merged", "tensorboard", "metrics.jsonl", "wandb", "dvclive", ".aim")
 
 
 def write_run_config(workspace: Path, cfg: Any) -> None:

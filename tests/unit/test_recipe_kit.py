@@ -16,6 +16,13 @@ def test_a_fresh_or_missing_folder_passes(tmp_path):
     assert guard_output_dir(tmp_path, resume=False, overwrite=False, is_main=True) is False
 
 
+def test_a_trackers_files_alone_are_an_earlier_run(tmp_path):
+    (tmp_path / "wandb" / "offline-run-1").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds an earlier run's wandb; pass --resume true"):
+        guard_output_dir(tmp_path, resume=False, overwrite=False, is_main=True)
+    assert (tmp_path / "wandb" / "offline-run-1").is_dir()
+
+
 def test_logs_and_export_without_checkpoints_are_refused_and_left_alone(tmp_path):
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "model.safetensors").write_bytes(b"weights")
@@ -30,7 +37,7 @@ def test_logs_and_export_without_checkpoints_are_refused_and_left_alone(tmp_path
 
 
 def test_overwrite_removes_only_the_run_outputs(tmp_path):
-    for name in ("final", "tensorboard", "merged"):
+    for name in ("final", "tensorboard", "merged", "wandb", "dvclive", ".aim"):  # the trackers' files too
         (tmp_path / name).mkdir()
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     (tmp_path / "notes.txt").write_text("mine")
