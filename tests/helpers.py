@@ -166,6 +166,25 @@ def cpu_fsdp2_accelerator(*, like_fsdp2_yaml: bool = False, **kwargs: Any):
     return acc
 
 
+def cli_run(capsys: Any, *argv: str, expect: int = 0) -> tuple[str, str]:
+    """Run ``acceltrain`` in-process (no interpreter start-up); its exit status must be ``expect``.
+    Returns what it wrote to stdout and stderr."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from acceltrain.cli import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a command may build a trainer
+    GradientState._reset_state()
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert (code or 0) == expect, f"exit {code}, wanted {expect}\n{out[-2000:]}\n{err[-4000:]}"
+    return out, err
+
+
 def cli_error(capsys: Any, *argv: str) -> str:
     """Run ``acceltrain`` in-process; it must exit 2 with one ``error:`` line on stderr (returned)."""
     import pytest

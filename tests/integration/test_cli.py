@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import ckpt_root
+from tests.helpers import ckpt_root, cli_error, cli_run
 from tests.integration.test_pretrain import TINY, make_corpus
 
 
@@ -45,30 +45,31 @@ def test_version_and_env():
         assert name in out
 
 
-def test_generate_greedy_is_deterministic(trained):
+def test_generate_greedy_is_deterministic(trained, capsys):
     args = ["generate", "--model", str(trained / "run" / "final"), "--prompt", "the trainer", "--temperature", "0",
             "--max_new_tokens", "10"]
-    first, second = cli(*args).stdout, cli(*args).stdout
+    first, second = cli_run(capsys, *args)[0], cli_run(capsys, *args)[0]
     assert first == second and first.startswith("the trainer") and len(first.strip()) > len("the trainer")
 
 
-def test_evaluate_reports_perplexity(trained):
-    out = cli("evaluate", "--model", str(trained / "run" / "final"), "--dataset", str(trained / "docs.jsonl"),
-              "--seq_len", "32", env={"ACCELTRAIN_CACHE": str(trained / "cache")}).stdout
+def test_evaluate_reports_perplexity(trained, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELTRAIN_CACHE", str(trained / "cache"))
+    out, _ = cli_run(capsys, "evaluate", "--model", str(trained / "run" / "final"), "--dataset",
+                     str(trained / "docs.jsonl"), "--seq_len", "32")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["windows"] > 10 and 1.0 < result["perplexity"] < 300  # trained: far below the 300-token vocab
 
 
-def test_generate_sampling_with_a_seed_is_deterministic(trained):
+def test_generate_sampling_with_a_seed_is_deterministic(trained, capsys):
     args = ["generate", "--model", str(trained / "run" / "final"), "--prompt", "the trainer", "--temperature", "0.9",
             "--top_k", "20", "--top_p", "0.9", "--repetition_penalty", "1.3", "--seed", "123", "--max_new_tokens", "12"]
-    first, second = cli(*args).stdout, cli(*args).stdout
+    first, second = cli_run(capsys, *args)[0], cli_run(capsys, *args)[0]
     assert first == second and first.startswith("the trainer") and len(first.strip()) > len("the trainer")
 
 
-def test_generate_beam_search(trained):
-    out = cli("generate", "--model", str(trained / "run" / "final"), "--prompt", "the trainer", "--num_beams", "2",
-              "--max_new_tokens", "8").stdout
+def test_generate_beam_search(trained, capsys):
+    out, _ = cli_run(capsys, "generate", "--model", str(trained / "run" / "final"), "--prompt", "the trainer",
+                     "--num_beams", "2", "--max_new_tokens", "8")
     assert out.startswith("the trainer") and len(out.strip()) > len("the trainer")
 
 
@@ -88,7 +89,7 @@ def _windows_loss(folder, text: str, seq_len: int) -> tuple[int, float]:
 
 
 @pytest.mark.parametrize("case", ["several windows", "exactly one window"])
-def test_evaluate_covers_every_full_window(trained, tmp_path, case):
+def test_evaluate_covers_every_full_window(trained, tmp_path, case, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
     folder = trained / "run" / "final"
@@ -99,18 +100,21 @@ def test_evaluate_covers_every_full_window(trained, tmp_path, case):
     seq_len = 16 if case == "several windows" else tokens
     expected_windows, expected_loss = _windows_loss(folder, text, seq_len)
     assert expected_windows == (tokens // 16 if case == "several windows" else 1) and expected_windows >= 1
-    out = cli("evaluate", "--model", str(folder), "--dataset", str(tmp_path / "eval.txt"), "--seq_len", str(seq_len),
-              "--batch_size", "3", env={"ACCELTRAIN_CACHE": str(tmp_path / "cache")}).stdout
+    monkeypatch.setenv("ACCELTRAIN_CACHE", str(tmp_path / "cache"))
+    out, _ = cli_run(capsys, "evaluate", "--model", str(folder), "--dataset", str(tmp_path / "eval.txt"),
+                     "--seq_len", str(seq_len), "--batch_size", "3")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["windows"] == expected_windows and result["tokens"] == tokens
     assert result["loss"] == pytest.approx(expected_loss, abs=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss), rel=1e-4)
 
 
-def test_evaluate_on_too_little_text(trained, tmp_path):
+def test_evaluate_on_too_little_text(trained, tmp_path, capsys, monkeypatch):
     (tmp_path / "short.txt").write_text("the trainer")
-    err = cli("evaluate", "--model", str(trained / "run" / "final"), "--dataset", str(tmp_path / "short.txt"),
-              "--seq_len", "64", expect=2, env={"ACCELTRAIN_CACHE": str(tmp_path / "cache")}).stderr.strip().splitlines()
+    monkeypatch.setenv("ACCELTRAIN_CACHE", str(tmp_path / "cache"))
+    _, err = cli_run(capsys, "evaluate", "--model", str(trained / "run" / "final"), "--dataset",
+                     str(tmp_path / "short.txt"), "--seq_len", "64", expect=2)
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --dataset {tmp_path / 'short.txt'}: "), err
     assert "tokens found, fewer than one window of --seq_len 64" in err[0]
 
@@ -120,10 +124,10 @@ def test_python_dash_m_acceltrain():
     assert out.startswith("usage: acceltrain") and all(c in out for c in ("train", "generate", "evaluate", "env"))
 
 
-def test_train_help_lists_the_recipe_fields():
-    out = cli("train", "--help").stdout
+def test_train_help_lists_the_recipe_fields(capsys):
+    out, _ = cli_run(capsys, "train", "--help")
     assert out.startswith("usage: acceltrain train") and all(f in out for f in ("--max_steps", "--vocab_size", "--config"))
-    out = cli("train", "--config", str(ROOT / "recipes/configs/classify_stdlib.yaml"), "--help").stdout
+    out, _ = cli_run(capsys, "train", "--config", str(ROOT / "recipes/configs/classify_stdlib.yaml"), "--help")
     assert "--label_column" in out and "--max_corpus_bytes" not in out  # the recipe the config names
 
 
@@ -143,15 +147,14 @@ def test_train_without_config_runs_the_default_demo(tmp_path):
         (["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml: config file not found"),
     ],
 )
-def test_errors_are_one_line_exit_2(args, message):
-    err = cli(*args, expect=2).stderr.strip().splitlines()
-    assert err[-1].startswith("error: ") and message in err[-1]
+def test_errors_are_one_line_exit_2(args, message, capsys):
+    assert message in cli_error(capsys, *args)
 
 
-def test_train_with_an_unknown_recipe(tmp_path):
+def test_train_with_an_unknown_recipe(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("recipe: nope\n")
-    err = cli("train", "--config", str(config), expect=2).stderr
+    err = cli_error(capsys, "train", "--config", str(config))
     assert "recipe 'nope' does not exist; known recipes:" in err and "pretrain" in err
 
 
