@@ -212,6 +212,22 @@ def test_compile_matches_eager_exports_plain_keys_and_resumes_eagerly(tiny_run, 
     assert step_folder_name(10) in proc.stderr and len(losses(eager)) == 12
 
 
+def run_refused(capsys, monkeypatch, *args: str, cache: Path) -> list[str]:
+    """The recipe's main in this process (no interpreter start-up); it must exit 2. Its stderr lines."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.setenv("ACCELTRAIN_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _load_recipe().main(list(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err[-3000:]
+    return err.strip().splitlines()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -225,26 +241,27 @@ def test_compile_matches_eager_exports_plain_keys_and_resumes_eagerly(tiny_run, 
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    proc = run("--output_dir", str(tmp_path / "o"), "--max_corpus_bytes", "100000", *TINY, *args,
-               cache=tmp_path / "cache", expect=2)
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr[-2000:]
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    err = run_refused(capsys, monkeypatch, "--output_dir", str(tmp_path / "o"), "--max_corpus_bytes", "100000",
+                      *TINY, *args, cache=tmp_path / "cache")
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "o").exists()  # checked before anything is read, trained or written
 
 
-def test_empty_corpus_is_an_error(tmp_path):
+def test_empty_corpus_is_an_error(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = run("--output_dir", str(tmp_path / "o"), "--dataset", str(empty), *TINY, cache=tmp_path / "c", expect=2)
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "empty" in proc.stderr
+    err = run_refused(capsys, monkeypatch, "--output_dir", str(tmp_path / "o"), "--dataset", str(empty), *TINY,
+                      cache=tmp_path / "c")
+    assert err[-1].startswith("error: ") and "empty" in err[-1]
 
 
-def test_output_dir_of_another_run_is_not_touched(tiny_run, corpus):
+def test_output_dir_of_another_run_is_not_touched(tiny_run, corpus, capsys, monkeypatch):
     out, cache, _ = tiny_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    proc = run("--output_dir", str(out), "--dataset", str(corpus), "--max_steps", "3", *TINY, cache=cache, expect=2)
-    assert "holds checkpoints of an earlier run" in proc.stderr and "--resume" in proc.stderr
+    err = run_refused(capsys, monkeypatch, "--output_dir", str(out), "--dataset", str(corpus), "--max_steps", "3",
+                      *TINY, cache=cache)
+    assert "holds checkpoints of an earlier run" in err[-1] and "--resume" in err[-1]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -288,7 +305,8 @@ def test_a_weighted_mixture_trains_and_logs_its_realised_shares(corpus, tmp_path
     ("badline", ["--tokenizer_sample_bytes", "300"], "bad.jsonl:40: not valid JSON"),
     ("nocolumn", [], "bad.jsonl:1: no column 'text'; keys: body"),  # found while sampling for the tokenizer
 ])
-def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus, make, args, message):
+def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus, capsys, monkeypatch, make, args,
+                                                              message):
     """Bad input found after the tokenizer was trained on its sample: the tokenizer goes too."""
     bad = tmp_path / "bad.jsonl"
     lines = corpus.read_bytes().splitlines(keepends=True)
@@ -298,9 +316,9 @@ def test_bad_data_is_one_line_exit_2_and_leaves_no_cache_entry(tmp_path, corpus,
         bad.write_bytes(corpus.read_bytes().replace(b'"text"', b'"body"'))
     dataset = f"{corpus}:0.7,{bad}:0.3"
     cache = tmp_path / "cache"
-    proc = run("--output_dir", str(tmp_path / "o"), "--dataset", dataset, *TINY, *args, cache=cache, expect=2)
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr[-2000:]
+    err = run_refused(capsys, monkeypatch, "--output_dir", str(tmp_path / "o"), "--dataset", dataset, *TINY, *args,
+                      cache=cache)
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     if make in ("badline", "nocolumn"):  # (every other kind of bad file: tests/unit/test_data_shards.py)
         assert str(bad) in err[0]
     left = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
