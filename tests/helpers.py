@@ -166,6 +166,15 @@ def cpu_fsdp2_accelerator(*, like_fsdp2_yaml: bool = False, **kwargs: Any):
     return acc
 
 
+def skip_deepspeed_shm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce (``deepspeed_shm_comm``, a C++
+    build of ~30 s on 2 cores the first time its CPU backend starts). Only
+    ``inference_all_reduce`` uses it, never training, which all-reduces through the gloo group."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def cli_run(capsys: Any, *argv: str, expect: int = 0) -> tuple[str, str]:
     """Run ``acceltrain`` in-process (no interpreter start-up); its exit status must be ``expect``.
     Returns what it wrote to stdout and stderr."""

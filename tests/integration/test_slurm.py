@@ -1,10 +1,9 @@
-"""acceltrain slurm: the 4x8 golden script, and real jobs on a one-node cluster (.ci/slurm-up.sh).
+"""acceltrain slurm: the 4x8 golden script, and a real job array on the cluster (.ci/slurm-up.sh).
 
-The cluster tests submit through `acceltrain slurm submit` (so the rendered script is what
-runs), interrupt the training with `scancel --signal=USR1`, and check that the job saved,
-requeued itself from inside, resumed from that checkpoint and ended bit-identical to the same
-command run here without interruption. Without `sbatch` they skip, except in CI (CI=true),
-where a missing cluster is a failure.
+The helpers here (job state, waits that end with a cluster report, restarting a requeued job)
+serve tests/integration/test_slurm_multinode.py too, where USR1, requeue, resume and node
+failure run on two nodes; one-node jobs run there as well (the elastic resubmission). Without
+`sbatch` these skip, except in CI (CI=true), where a missing cluster is a failure.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,13 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from acceltrain.slurm import load_slurm_config, render_sbatch
 from tests.conftest import ROOT
-from tests.helpers import STEP_GLOB, ckpt_root, require_slurm, step_folder_name
-from tests.integration.test_pretrain import make_corpus
+from tests.helpers import require_slurm
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_4x8.sbatch"
 SWEEP_SCRIPT = Path(__file__).parent / "scripts" / "sweep_echo.py"
@@ -164,62 +160,6 @@ def job_env(tmp_path: Path) -> dict:
     return {"setup": [f"source {activate}"] if activate.is_file() else [],
             "env": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
                     "ACCELTRAIN_CACHE": str(tmp_path / "cache")}}
-
-
-@pytest.mark.slow
-def test_usr1_saves_requeues_and_resumes_bit_identically(cluster, tmp_path: Path):
-    corpus = make_corpus(tmp_path / "docs.jsonl")
-    out, log = tmp_path / "slurm_run", tmp_path / "logs" / "job.out"
-    train = ["--dataset", str(corpus), "--max_steps", str(STEPS), *SMALL]
-    accelerate_config = str(ROOT / "accelerate_configs" / "cpu.yaml")
-    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump({
-        "job_name": "acceltrain-test-resume", "cpus_per_task": 1, "time": "10:00", "output": str(log),
-        "accelerate_config": accelerate_config, "script": str(ROOT / "recipes" / "pretrain.py"),
-        "script_args": ["--output_dir", str(out), *train], **job_env(tmp_path)}))
-    job = cli("slurm", "submit", "--config", str(tmp_path / "slurm.yaml")).stdout.strip()
-    assert job.isdigit(), job
-    reference = None
-    try:
-        wait_for("the job to pass step 10", lambda: last_step(log) >= 10 or state(job) == "", 180, log, (job,))
-        assert state(job) == "RUNNING" and last_step(log) < STEPS, "the job ended before it could be signalled"
-        # scancel itself, not `acceltrain slurm cancel` (tested with a fake scancel): the CLI's 3 s
-        # start-up would let this tiny run get too far.
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        # The same command here, uninterrupted (the job's tokenizer cache is complete by now).
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELTRAIN_CACHE": str(tmp_path / "cache")}
-        launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        reference = subprocess.Popen(
-            [launcher, "launch", "--num_machines", "1", "--machine_rank", "0", "--num_processes", "1",
-             "--config_file", accelerate_config, str(ROOT / "recipes" / "pretrain.py"),
-             "--output_dir", str(tmp_path / "reference"), *train, "--resume", "true"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        restart_requeued(job, log)
-        ref_out, _ = reference.communicate(timeout=240)
-        assert reference.returncode == 0, ref_out[-3000:]
-    finally:
-        if state(job):
-            subprocess.run(["scancel", job], timeout=30)
-        if reference is not None and reference.poll() is None:
-            reference.kill()
-
-    text = log.read_text()
-    saved = re.search(rf"requeueing SLURM job {job} after the checkpoint at step (\d+)", text)
-    assert saved, text[-4000:]
-    k = int(saved.group(1))
-    assert 10 <= k < STEPS
-    assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
-    assert re.search(rf"resumed from \S*{step_folder_name(k)} at step {k}", text), text[-4000:]
-    assert f"Step {STEPS}/{STEPS}" in text and "Saved" in text
-    status = cli("slurm", "status", job).stdout
-    assert "COMPLETED" in status and "Restarts=1" in status, status
-    checkpoints = sorted(p.name for p in ckpt_root(out).glob(STEP_GLOB))
-    assert step_folder_name(STEPS) in checkpoints
-    from safetensors.torch import load_file
-
-    got, want = (load_file(d / "final" / "model.safetensors") for d in (out, tmp_path / "reference"))
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
 
 
 @pytest.mark.slow

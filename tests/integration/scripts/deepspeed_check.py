@@ -14,11 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tests.helpers import ToyTrainer  # noqa: E402
+from tests.helpers import ToyTrainer, skip_deepspeed_shm_build  # noqa: E402
 
 
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode.startswith("ds"):
+        skip_deepspeed_shm_build()
     kw = dict(max_steps=8, gradient_accumulation_steps=2, batch_size=4, n=128, optimizer="adamw", grad_clip=0.5,
               scheduler=True)
     if mode == "ds2":

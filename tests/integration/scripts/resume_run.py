@@ -228,6 +228,10 @@ def main() -> None:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
+        from tests.helpers import skip_deepspeed_shm_build
+
+        skip_deepspeed_shm_build()
+
         plugin = DeepSpeedPlugin(zero_stage=args.deepspeed, zero3_save_16bit_model=True)
         if args.deepspeed == 3:  # partition every parameter, however small (the default keeps these whole)
             plugin.deepspeed_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
