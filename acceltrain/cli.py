@@ -17,6 +17,7 @@ from .config import UserError, exit_on_user_error, load_yaml
 from .plot import add_plot_parser
 from .slurm import add_slurm_parser
 from .sweep import add_sweep_parser
+from .utils import folder_problem
 
 _PACKAGES = ("torch", "accelerate", "transformers", "peft", "datasets", "tokenizers", "safetensors", "deepspeed")
 
@@ -255,6 +256,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _check(args.generation_tokens >= 1, "--generation_tokens", ">= 1", args.generation_tokens)
     if args.output_path is not None and Path(args.output_path).is_dir():
         raise UserError(f"--output_path {args.output_path}: is a folder; give a file name")
+    if args.output_path is not None:  # checked before the model is loaded and the text read
+        parent = Path(args.output_path).absolute().parent
+        if problem := folder_problem(parent):
+            where = f"{parent} {problem}" if problem.startswith("is ") else problem
+            raise UserError(f"--output_path {args.output_path}: {where}")
     model, tok = _load_causal_lm(args.model, args.trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit and args.seq_len > limit:

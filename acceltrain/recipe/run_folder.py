@@ -15,6 +15,7 @@ from ..checkpoint import MANIFEST, CheckpointError, find_latest_checkpoint, list
 from ..checkpoint_names import CHECKPOINTS_SUBDIR
 from ..config import UserError
 from ..elastic import plan_resize
+from ..utils import folder_problem
 
 __all__ = ["cache_root", "guard_output_dir", "check_resume", "write_run_config"]
 
@@ -22,13 +23,22 @@ __all__ = ["cache_root", "guard_output_dir", "check_resume", "write_run_config"]
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where tokenizers and packed corpora are cached: ``cache_dir``, ``$ACCELTRAIN_CACHE``,
     ``$XDG_CACHE_HOME/acceltrain`` or ``~/.cache/acceltrain`` (shared by runs, so a second run
-    with the same data and tokenizer settings does no tokenization)."""
+    with the same data and tokenizer settings does no tokenization).
+
+    Raises:
+        UserError: that folder cannot be one this process writes into (a file, under a file, not
+            writable), naming where the path came from.
+    """
     if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("ACCELTRAIN_CACHE"):
-        return Path(os.environ["ACCELTRAIN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "acceltrain"
+        path, what = Path(cache_dir), "--cache_dir"
+    elif os.environ.get("ACCELTRAIN_CACHE"):
+        path, what = Path(os.environ["ACCELTRAIN_CACHE"]), "$ACCELTRAIN_CACHE"
+    else:
+        path, what = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "acceltrain", "the cache folder"
+    problem = folder_problem(path)
+    if problem:
+        raise UserError(f"{what} {path}: {problem}")
+    return path
 
 
 def guard_output_dir(output_dir: Path, *, resume: bool, overwrite: bool, is_main: bool,

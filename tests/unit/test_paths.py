@@ -99,3 +99,33 @@ def test_workspace_that_is_a_file_is_refused_before_anything_runs(tmp_path):
     file.write_text("x")
     with pytest.raises(ValueError, match=f"^workspace {file}: is a file, not a folder$"):
         ToyTrainer(max_steps=1, device="cpu", workspace=file)
+
+
+def test_a_cache_folder_that_cannot_be_one_is_named_by_where_it_came_from(tmp_path, capsys, monkeypatch):
+    """--cache_dir or $ACCELTRAIN_CACHE naming a file (or under one): one line, exit 2, the file
+    untouched; before, the first cache write ended in a NotADirectoryError traceback."""
+    from acceltrain.config import UserError
+    from acceltrain.recipe_kit import cache_root
+
+    file = tmp_path / "notes.txt"
+    file.write_text("the user's notes")
+    with pytest.raises(UserError, match=f"^--cache_dir {file}/c: {file} is a file, not a folder$"):
+        cache_root(file / "c")
+    monkeypatch.setenv("ACCELTRAIN_CACHE", str(file))
+    with pytest.raises(UserError, match=f"^\\$ACCELTRAIN_CACHE {file}: is a file, not a folder$"):
+        cache_root()
+    with pytest.raises(SystemExit) as e:  # the recipe checks it before reading any text
+        _load_recipe("pretrain").main(["--output_dir", str(tmp_path / "run"), "--max_steps", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: $ACCELTRAIN_CACHE {file}: is a file, not a folder"]
+    assert file.read_text() == "the user's notes" and not (tmp_path / "run").exists()
+
+
+def test_evaluate_output_path_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    from tests.helpers import cli_error
+
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    err = cli_error(capsys, "evaluate", "--model", str(tmp_path / "no_model"), "--dataset", "x.txt",
+                    "--output_path", str(file / "result.json"))
+    assert err == f"error: --output_path {file / 'result.json'}: {file} is a file, not a folder"
