@@ -319,11 +319,11 @@ class SelgisCore:
 
     @property
     def trainable_params_count(self) -> int:
-        return count_parameters(self.trainer._model, trainable_only=True)
+        return count_parameters(self.trainer.unwrapped_model, trainable_only=True)
 
     @property
     def total_params_count(self) -> int:
-        return count_parameters(self.trainer._model, trainable_only=False)
+        return count_parameters(self.trainer.unwrapped_model, trainable_only=False)
 
     def load_best_weights(self) -> bool:
         """Load the best evaluated weights back; False when none were kept."""
