@@ -19,10 +19,17 @@ def _results(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    """Every check of ddp_check.py's CASES, one after another in one 2-rank launch (OUT/NAME/)."""
+    out = tmp_path_factory.mktemp("ddp_cases")
+    torchrun(SCRIPT, "cases", str(out), timeout=600)
+    return out
+
+
 @pytest.mark.parametrize("accum", [1, 3])
-def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, accum):
-    torchrun(SCRIPT, "equiv", str(tmp_path), "--accum", str(accum))
-    r0, r1 = _results(tmp_path)
+def test_two_ranks_match_one_process_on_the_global_batch(cases, accum):
+    r0, r1 = _results(cases / f"equiv_{accum}")
     assert r0["world"] == 2 and r0["step"] == 4
     assert r0["params"] == r1["params"]  # replicas identical
     # One process, batch 2x4 (the two ranks' shards of each micro-step), same accumulation.
@@ -34,18 +41,16 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, accum):
     assert r0["allreduces"] == r1["allreduces"] == 4
 
 
-def test_without_no_sync_every_micro_batch_all_reduces(tmp_path):
-    torchrun(SCRIPT, "equiv", str(tmp_path), "--accum", "3", "--no-sync-off")
-    r0, _ = _results(tmp_path)
+def test_without_no_sync_every_micro_batch_all_reduces(cases):
+    r0, _ = _results(cases / "equiv_3_sync")
     assert r0["allreduces"] == 4 * 3
 
 
 @pytest.mark.parametrize("mode", ["nan", "nan_ignored"])
-def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, mode):
+def test_nan_on_one_rank_skips_the_step_on_both(cases, mode):
     # nan_ignored: the NaN is in a gradient DDP does not all-reduce, so the ranks learn of it
     # only from the trainer's own agreement (not from the synchronised gradients).
-    torchrun(SCRIPT, mode, str(tmp_path), "--accum", "2")
-    r0, r1 = _results(tmp_path)
+    r0, r1 = _results(cases / mode)
     assert r0["params"] == r1["params"]
     for r in (r0, r1):
         assert r["step"] == 4
@@ -55,21 +60,18 @@ def test_nan_on_one_rank_skips_the_step_on_both(tmp_path, mode):
         assert [i["lr"] for i in r["infos"]] == pytest.approx([0.1 / 2, 0.1 / 3, 0.1 / 4, 0.1 / 5])
 
 
-def test_nan_on_one_rank_every_step_fails_on_both_without_hanging(tmp_path):
-    proc = torchrun(SCRIPT, "nan_exhaust", str(tmp_path), check=False, timeout=180)
-    assert proc.returncode != 0
-    r0, r1 = _results(tmp_path)
+def test_nan_on_one_rank_every_step_fails_on_both_without_hanging(cases):
+    r0, r1 = _results(cases / "nan_exhaust")  # and the launch went on to the next case: nothing hung
     for r in (r0, r1):
         assert r["step"] == 0
         assert r["error"].startswith("step 1: non-finite gradients after 3 attempt(s)")
 
 
-def test_evaluation_on_two_ranks_equals_one_process(tmp_path):
+def test_evaluation_on_two_ranks_equals_one_process(cases):
     """23 evaluation samples, batch 5, 2 ranks: padding is masked, nothing counted twice."""
     from tests.helpers import EvalTrainer
 
-    torchrun(SCRIPT, "eval", str(tmp_path), "--accum", "1")
-    r0, r1 = _results(tmp_path)
+    r0, r1 = _results(cases / "eval")
     assert r0["metrics"] == r1["metrics"]
     ref = EvalTrainer(max_steps=4, batch_size=8, n=128, device="cpu")
     ref.train()
@@ -78,12 +80,11 @@ def test_evaluation_on_two_ranks_equals_one_process(tmp_path):
     assert r0["metrics"]["mae"] == pytest.approx(want["mae"], rel=1e-6)
 
 
-def test_token_normalisation_spans_ranks_and_the_window(tmp_path):
+def test_token_normalisation_spans_ranks_and_the_window(cases):
     """2 ranks x accumulation 2 x batch 2 of padded sequences == one process, batch 8, token mean."""
     from tests.unit.test_trainer import TokenTrainer
 
-    torchrun(SCRIPT, "items", str(tmp_path), "--accum", "2")
-    r0, r1 = _results(tmp_path)
+    r0, r1 = _results(cases / "items")
     assert r0["params"] == r1["params"]
     ref = TokenTrainer(max_steps=4, gradient_accumulation_steps=1, batch_size=8, device="cpu")
     ref.train()
@@ -91,26 +92,21 @@ def test_token_normalisation_spans_ranks_and_the_window(tmp_path):
         torch.testing.assert_close(torch.tensor(got), want.detach().flatten(), atol=1e-6, rtol=0)
 
 
-def test_guard_spike_on_one_rank_rolls_back_both(tmp_path):
-    torchrun(SCRIPT, "guard", str(tmp_path), "--accum", "2")
-    r0, r1 = _results(tmp_path)
+def test_guard_spike_on_one_rank_rolls_back_both(cases):
+    r0, r1 = _results(cases / "guard")
     assert r0["params"] == r1["params"] and r0["step"] == r1["step"] == 10
     for r in (r0, r1):
         assert [(e["kind"], e["from_step"], e["to_step"]) for e in r["guard_events"]] == [("rollback", 7, 4)]
 
 
-def test_none_on_the_syncing_micro_batch_is_an_error_not_drift(tmp_path):
-    proc = torchrun(SCRIPT, "none_last", str(tmp_path), "--accum", "2", check=False, timeout=180)
-    assert proc.returncode != 0
-    for r in _results(tmp_path):
+def test_none_on_the_syncing_micro_batch_is_an_error_not_drift(cases):
+    for r in _results(cases / "none_last"):
         assert r["step"] == 0 and "returned None on the last micro-batch" in r["error"]
 
 
 @pytest.fixture(scope="module")
-def records_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("records")
-    torchrun(SCRIPT, "records", str(out), "--accum", "1", timeout=180)
-    return out
+def records_run(cases) -> Path:
+    return cases / "records"
 
 
 def test_logging_reduces_records_that_only_some_ranks_return(records_run):

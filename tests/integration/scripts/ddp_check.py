@@ -1,6 +1,7 @@
 """Run under `torchrun --nproc_per_node 2` (ACCELERATE_USE_CPU=true): DDP checks for the trainer.
 
 Usage: ddp_check.py MODE OUT_DIR [--accum K] [--no-sync-off]
+       ddp_check.py cases OUT_DIR     (every check of CASES in one launch, into OUT_DIR/NAME/)
 Each rank writes OUT_DIR/rank{r}.json with its final parameters and what it counted.
 Mode ``records`` then runs a second trainer that only rank 1 signals (see ``export_after_signal``).
 """
@@ -106,15 +107,33 @@ def export_after_signal(out: Path) -> dict:
             "exported": (out / "signalled" / "final").exists()}
 
 
+MODES = ["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records", "nan_ignored"]
+# Mode ``cases``: every check below in one launch (one process group, a trainer after another),
+# each into OUT/NAME/: the interpreter and process-group start-ups are paid once, not 11 times.
+# The failing ones run after the healthy ones, ``records`` (which signals rank 1) last.
+CASES = [("equiv_1", "equiv", 1, False), ("equiv_3", "equiv", 3, False), ("equiv_3_sync", "equiv", 3, True),
+         ("nan", "nan", 2, False), ("nan_ignored", "nan_ignored", 2, False), ("eval", "eval", 1, False),
+         ("items", "items", 2, False), ("guard", "guard", 2, False), ("nan_exhaust", "nan_exhaust", 2, False),
+         ("none_last", "none_last", 2, False), ("records", "records", 1, False)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["equiv", "nan", "nan_exhaust", "eval", "items", "guard", "none_last", "records",
-                                       "nan_ignored"])
+    ap.add_argument("mode", choices=[*MODES, "cases"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--accum", type=int, default=2)
     ap.add_argument("--no-sync-off", action="store_true")
     args = ap.parse_args()
+    if args.mode == "cases":
+        for name, mode, accum, no_sync_off in CASES:
+            run_case(argparse.Namespace(mode=mode, out=args.out / name, accum=accum, no_sync_off=no_sync_off))
+        return
+    if run_case(args):
+        sys.exit(3)
 
+
+def run_case(args: argparse.Namespace) -> str | None:
+    """One check; each rank writes ``args.out/rank{r}.json``. Returns the error it ended in, if any."""
     counter, keep = CountAllReduces(), KeepInfo()
     common = dict(max_steps=4, gradient_accumulation_steps=args.accum, batch_size=4, n=128,
                   no_sync_accumulate=not args.no_sync_off, hooks=[counter, keep], device="cpu")
@@ -187,8 +206,7 @@ def main() -> None:
         "params": [p.detach().flatten().tolist() for p in trainer.model.parameters()],
     }
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    if error:
-        sys.exit(3)
+    return error
 
 
 if __name__ == "__main__":
