@@ -32,7 +32,10 @@ def wait_for_signal(workspace: Path, trainer: BaseTrainer | None = None) -> None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if trainer is not None and trainer.stop_reason is not None:
-            return  # the long first step ends; the signal is acted on at its boundary
+            # The signal was received (its handler only set flags). The step goes on as a compile
+            # warm-up would, without looking again, and ends; the stop is acted on at its boundary.
+            time.sleep(0.5)
+            return
         time.sleep(0.01)
     raise RuntimeError("no signal came")
 
