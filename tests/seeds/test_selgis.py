@@ -4,9 +4,11 @@ import line, tiny local models and data, and ``device="cpu"`` changed), and ever
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -603,3 +605,75 @@ def test_utils():
     assert moved["a"][0].device.type == "cpu"
     groups = get_optimizer_grouped_params(model, 0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and [len(g["params"]) for g in groups] == [1, 2]
+
+
+# Every config field and the test that fails if it is ignored (or checks its refusal): a field
+# added to SelgisConfig/TransformerConfig without a test here fails the next test.
+FIELD_TESTS = {
+    "batch_size": "test_batch_sizes_must_match_the_given_loaders",
+    "eval_batch_size": "test_batch_sizes_must_match_the_given_loaders",
+    "max_epochs": "test_max_epochs_and_gradient_accumulation_become_steps",
+    "gradient_accumulation_steps": "test_max_epochs_and_gradient_accumulation_become_steps",
+    "patience": "test_patience_and_min_delta_stop_early",
+    "min_delta": "test_patience_and_min_delta_stop_early",
+    "grad_clip_norm": "test_grad_clip_norm_and_value",
+    "grad_clip_value": "test_grad_clip_norm_and_value",
+    "spike_threshold": "test_spike_threshold_and_min_history_len",
+    "min_history_len": "test_spike_threshold_and_min_history_len",
+    "nan_recovery": "test_nan_recovery_rolls_back_and_state_update_interval_sets_the_snapshot",
+    "lr_finder_enabled": "test_lr_finder_fields",
+    "lr_finder_trainable_only": "test_lr_finder_fields",
+    "lr_finder_start": "test_lr_finder_fields",
+    "lr_finder_end": "test_lr_finder_fields",
+    "lr_finder_steps": "test_lr_finder_fields",
+    "warmup_epochs": "test_warmup_epochs_and_warmup_ratio",
+    "warmup_ratio": "test_warmup_epochs_and_warmup_ratio",
+    "min_lr": "test_min_lr_is_the_floor_the_schedule_reaches",
+    "scheduler_type": "test_scheduler_type",
+    "t_0": "test_t_0_is_epochs_and_t_mult_multiplies",
+    "t_mult": "test_t_0_is_epochs_and_t_mult_multiplies",
+    "label_smoothing": "test_label_smoothing_of_the_default_loss",
+    "weight_decay": "test_weight_decay_goes_to_the_default_optimizer",
+    "sparsity_enabled": "test_sparsity_fields",
+    "sparsity_target": "test_sparsity_fields",
+    "sparsity_start_epoch": "test_sparsity_fields",
+    "sparsity_frequency": "test_sparsity_fields",
+    "fp16": "test_fp16_bf16_and_device",
+    "bf16": "test_fp16_bf16_and_device",
+    "logging_steps": "test_logging_eval_and_save_steps",
+    "eval_steps": "test_logging_eval_and_save_steps",
+    "save_steps": "test_logging_eval_and_save_steps",
+    "output_dir": "test_output_dir_resume_and_seed",
+    "save_total_limit": "test_logging_eval_and_save_steps",
+    "save_best_only": "test_logging_eval_and_save_steps",
+    "state_storage": "test_state_storage_and_state_dir",
+    "state_dir": "test_state_storage_and_state_dir",
+    "state_update_interval": "test_nan_recovery_rolls_back_and_state_update_interval_sets_the_snapshot",
+    "device": "test_fp16_bf16_and_device",
+    "seed": "test_output_dir_resume_and_seed",
+    "model_name_or_path": "test_transformer_trainer_loads_by_path_and_problem_type",
+    "num_labels": "test_transformer_trainer_loads_by_path_and_problem_type",
+    "problem_type": "test_transformer_trainer_loads_by_path_and_problem_type",
+    "max_length": "test_peft_gradient_checkpointing_and_tokenize",
+    "padding": "test_peft_gradient_checkpointing_and_tokenize",
+    "truncation": "test_peft_gradient_checkpointing_and_tokenize",
+    "optimizer_type": "test_optimizer_type_and_adam_fields",
+    "learning_rate": "test_optimizer_type_and_adam_fields",
+    "adam_beta1": "test_optimizer_type_and_adam_fields",
+    "adam_beta2": "test_optimizer_type_and_adam_fields",
+    "adam_epsilon": "test_optimizer_type_and_adam_fields",
+    "use_peft": "test_peft_gradient_checkpointing_and_tokenize",
+    "peft_config": "test_peft_gradient_checkpointing_and_tokenize",
+    "gradient_checkpointing": "test_peft_gradient_checkpointing_and_tokenize",
+    "deepspeed_config": "test_peft_gradient_checkpointing_and_tokenize",
+}
+
+
+def test_every_config_field_has_a_test_that_checks_it():
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(TransformerConfig)]  # SelgisConfig's fields and its own
+    assert sorted(fields) == sorted(FIELD_TESTS), sorted(set(fields) ^ set(FIELD_TESTS))
+    for field, test in FIELD_TESTS.items():
+        body = inspect.getsource(globals()[test])
+        assert re.search(rf"\b{field}\b", body), (field, test)
