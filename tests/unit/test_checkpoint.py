@@ -133,7 +133,12 @@ def test_stale_temporary_folder_is_removed(tmp_path):
 
 
 def _as_if_saved_by(folder: Path, world: int, batch: tuple[int, int] | None) -> None:
-    """Rewrite the manifest as if ``world`` processes saved it with (micro-batch, accumulation)."""
+    """Rewrite the manifest as if ``world`` processes saved it with (micro-batch, accumulation); the
+    ranks it adds get rank 0's per-rank file (every saved rank wrote one)."""
+    import shutil
+
+    for rank in range(1, world):
+        shutil.copyfile(folder / "rank_state_0.pt", folder / f"rank_state_{rank}.pt")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["world_size"] = world
     if batch is None:
