@@ -21,7 +21,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from .watchdog import start_launcher_watchdog
 
-__all__ = ["reset_accelerate_state", "make_accelerator", "check_collective_timeout", "destroy_process_group"]
+__all__ = ["reset_accelerate_state", "make_accelerator", "check_collective_timeout", "destroy_process_group",
+           "max_over_ranks"]
 
 _EXIT_BARRIER_TIMEOUT = datetime.timedelta(seconds=30)
 
@@ -90,6 +91,17 @@ def check_collective_timeout(collective_timeout: float | None, accelerator: Acce
     if accelerator.num_processes > 1:
         start_launcher_watchdog()
     return None if collective_timeout is None else float(collective_timeout)
+
+
+def max_over_ranks(value: int, device: torch.device | str) -> int:
+    """The largest of every rank's ``value`` (one small all-reduce; ``value`` itself on one
+    process). Every rank must call it: for decisions the ranks must take together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return int(value)
+    flag = torch.tensor([int(value)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def destroy_process_group(meet: bool = True) -> None:

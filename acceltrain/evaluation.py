@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .accelerator_setup import max_over_ranks
 from .utils import flatten_dict, map_nested_tensor
 
 if TYPE_CHECKING:
@@ -108,11 +109,7 @@ def _stop_requested(trainer: BaseTrainer, before: bool) -> bool:
     """Did a stop (a signal) arrive since the evaluation began? Agreed by every rank (one small
     all-reduce per evaluation batch when distributed), so all of them stop after the same batch."""
     now = bool(trainer.should_stop or trainer.stop_requested) and not before
-    if trainer.accelerator.num_processes > 1:
-        flag = torch.tensor([int(now)], device=trainer.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        now = bool(flag.item())
-    return now
+    return bool(max_over_ranks(int(now), trainer.device)) if trainer.accelerator.num_processes > 1 else now
 
 
 @torch.no_grad()

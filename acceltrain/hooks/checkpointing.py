@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..accelerator_setup import max_over_ranks
 from ..checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -339,9 +340,4 @@ def _agreed_signal(trainer: BaseTrainer, signum: int | None) -> int | None:
     """The signal any rank received (ranks that got none still exit with it)."""
     if trainer.accelerator.num_processes == 1:
         return signum
-    import torch
-
-    flag = torch.tensor([signum or 0], device=trainer.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    value = int(flag.item())
-    return value or None
+    return max_over_ranks(signum or 0, trainer.device) or None

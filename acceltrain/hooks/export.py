@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..accelerator_setup import max_over_ranks
 from ..export import save_pretrained
 from ..utils import in_workspace
 from .base import BaseHook
@@ -49,11 +50,4 @@ class ExportHook(BaseHook):
 
 def _any_rank_signalled(trainer: BaseTrainer) -> bool:
     """Whether a signal stopped any rank (the ranks that received none know only after this)."""
-    signalled = trainer.stopped_by_signal
-    if trainer.accelerator.num_processes == 1:
-        return signalled
-    import torch
-
-    flag = torch.tensor([float(signalled)], device=trainer.device)
-    torch.distributed.all_reduce(flag)  # SUM of 0/1
-    return flag.item() > 0
+    return bool(max_over_ranks(int(trainer.stopped_by_signal), trainer.device))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import full_model_from_shards, verify_checkpoint
+from ..checkpoint_deepspeed import live_setup
 from ..checkpoint_io import CheckpointError, add_frozen_weights, load_safetensors, restore_tied
 from ..config import UserError
 from ..trainer import BaseTrainer
@@ -108,8 +109,6 @@ def check_weights_loadable(trainer: BaseTrainer, what: str = "--export_best true
     Raises:
         UserError: the run trains under ZeRO-3.
     """
-    if trainer.engine_kind != "deepspeed":
-        return
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    if plugin is not None and int(plugin.zero_stage) == 3:
+    setup = live_setup(trainer)  # None without DeepSpeed
+    if setup is not None and setup["zero_stage"] == 3:
         raise UserError(f"{what} under {_ZERO3}")
